@@ -1,0 +1,57 @@
+"""``create_model`` / ``list_models`` over vitlab's variant table, with helpful errors."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any
+
+import timm
+import torch.nn as nn
+
+from ._variants import VARIANTS, VariantSpec
+
+__all__ = ["UnknownModelError", "create_model", "get_variant", "list_models"]
+
+
+class UnknownModelError(ValueError):
+    """A model name that neither vitlab nor timm knows."""
+
+
+def list_models(pattern: str = "*", kind: str | None = None) -> list[str]:
+    """Names of vitlab models matching a shell-style ``pattern`` (and a paper ``kind`` B/T/H/C)."""
+    if kind is not None and kind.upper() not in {"B", "T", "H", "C"}:
+        raise ValueError(f"kind must be one of B, T, H, C (PAPERS.md kinds), got {kind!r}")
+    names = [n for n in VARIANTS if fnmatch.fnmatchcase(n, pattern)]
+    if kind is not None:
+        names = [n for n in names if kind.upper() in VARIANTS[n].paper.kind]
+    return sorted(names)
+
+
+def get_variant(name: str) -> VariantSpec:
+    """The vitlab metadata of ``name`` (``arch`` or ``arch.tag``); unknown names suggest close ones."""
+    arch = name.split(".", 1)[0]
+    if arch in VARIANTS:
+        return VARIANTS[arch]
+    close = difflib.get_close_matches(arch, list(VARIANTS), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    extra = " It is a timm model without vitlab metadata." if timm.is_model(arch) else ""
+    raise UnknownModelError(f"unknown vitlab model {name!r}.{extra}{hint} See `vitlab list`.")
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a vitlab model (same as ``timm.create_model`` once vitlab is imported).
+
+    For timm models that vitlab reaches, the variant's defaults (e.g. ``dynamic_img_size=True``)
+    apply unless overridden. Keywords are timm's: ``num_classes``, ``in_chans``, ``img_size``, ...
+    """
+    spec = get_variant(name)
+    if spec.timm_native:
+        kwargs = {**spec.kwargs, **kwargs}
+    for key in ("num_classes", "in_chans", "img_size"):
+        value = kwargs.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if key == "num_classes" and value == 0:
+                continue
+            raise ValueError(f"{key} must be a positive integer, got {value!r} for model {name!r}")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)

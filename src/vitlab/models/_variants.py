@@ -1,0 +1,124 @@
+"""Variant tables and their registration with timm (the only shared model infrastructure).
+
+A family file declares ``VARIANTS = {name: VariantSpec(...)}`` and calls
+``register_variants(builder, VARIANTS, module=__name__)``; that builds the module's timm
+``default_cfgs`` and one named entrypoint per row, so ``timm.create_model(name)`` works.
+Models timm already implements are *reached*, not copied: ``reach_timm_models`` records their
+vitlab metadata without registering a second entrypoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from timm.models import generate_default_cfgs, register_model
+
+__all__ = ["VARIANTS", "Paper", "VariantSpec", "reach_timm_models", "register_variants"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A paper of shared/PAPERS.md: its row number there, title, arXiv id and official code."""
+
+    number: int
+    title: str
+    arxiv: str
+    code: str
+    kind: str = "B"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One registered variant: its constructor arguments, paper reference and declared capabilities.
+
+    Args:
+        kwargs: arguments the builder receives (user keywords override them).
+        ref_params_m: parameter count (millions) in the paper's table, checked within 1%.
+        ref_gmacs: multiply-accumulates (G) in the paper's table (papers call these FLOPs), within 5%.
+        ref_source: where the reference figures come from ("Table 1", "reconstructed: ...").
+        test_kwargs: a tiny configuration that the registry-wide contract tests build.
+        isotropic: one token grid through all blocks (token reduction can be applied).
+        exportable: ``torch.export`` / ONNX work; if not, ``export_reason`` says why.
+    """
+
+    paper: Paper
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    ref_params_m: float | None = None
+    ref_gmacs: float | None = None
+    ref_source: str = ""
+    test_kwargs: dict[str, Any] = field(default_factory=dict)
+    isotropic: bool = False
+    exportable: bool = True
+    export_reason: str = ""
+    timm_native: bool = False
+    description: str = ""
+    first_conv: str = "patch_embed.proj"
+    classifier: str | tuple[str, ...] = "head"
+
+    def pretrained_cfg(self) -> dict[str, Any]:
+        return dict(
+            input_size=(self.in_chans, self.img_size, self.img_size),
+            mean=self.mean,
+            std=self.std,
+            num_classes=self.num_classes,
+            interpolation="bicubic",
+            crop_pct=1.0 if self.img_size < 64 else 0.9,
+            first_conv=self.first_conv,
+            classifier=self.classifier,
+            paper_name=self.paper.title,
+            paper_ids=f"arXiv:{self.paper.arxiv}",
+            origin_url=self.paper.code,
+            description=self.description,
+        )
+
+
+# name -> spec for every model vitlab offers, its own and the timm models it reaches
+VARIANTS: dict[str, VariantSpec] = {}
+
+
+def _add(name: str, spec: VariantSpec) -> None:
+    if name in VARIANTS:
+        raise ValueError(f"vitlab model {name!r} is declared twice")
+    VARIANTS[name] = spec
+
+
+def register_variants(builder: Callable[..., Any], variants: dict[str, VariantSpec], module: str) -> None:
+    """Register one timm entrypoint per row of ``variants``, named after the row.
+
+    ``builder(variant, pretrained, **kwargs)`` makes the model. timm's ``register_model`` reads the
+    pretrained cfgs from ``sys.modules[module].default_cfgs``, so those are built first.
+    """
+    mod = sys.modules[module]
+    cfgs = generate_default_cfgs({name: spec.pretrained_cfg() for name, spec in variants.items()})
+    mod.default_cfgs = {**getattr(mod, "default_cfgs", {}), **cfgs}
+    for name, spec in variants.items():
+        _add(name, spec)
+
+        def entrypoint(pretrained: bool = False, _name: str = name, _spec: VariantSpec = spec, **kwargs: Any):
+            return builder(_name, pretrained, **{**_spec.kwargs, **kwargs})
+
+        entrypoint.__name__ = entrypoint.__qualname__ = name
+        entrypoint.__module__ = module
+        entrypoint.__doc__ = f"{name}: {spec.paper.title} (arXiv:{spec.paper.arxiv}). {spec.description}".strip()
+        register_model(entrypoint)
+
+
+def reach_timm_models(variants: dict[str, VariantSpec]) -> None:
+    """Record vitlab metadata for models timm already implements faithfully (no second entrypoint)."""
+    import timm
+
+    for name, spec in variants.items():
+        if not timm.is_model(name):
+            raise RuntimeError(f"timm {timm.__version__} has no model {name!r}; vitlab needs timm>=1.0.15")
+        _add(name, replace(spec, timm_native=True))
