@@ -1,0 +1,114 @@
+"""Typed run configuration: model, data and optimisation groups composed into ``RunConfig``.
+
+The defaults are the quickstart recipe (``configs/quickstart.yaml`` documents its result): the
+command ``vitlab train`` with no flags trains it on Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "config_from_dict", "config_to_dict"]
+
+
+@dataclass
+class ModelConfig:
+    model: str = "tiny_vit_1m_28"
+    img_size: int | None = None  # None: the model's default input size
+    in_chans: int | None = None  # None: the data's channel count
+    drop_path_rate: float | None = None
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"  # "fashion_mnist", "synthetic", or an image-folder root with train/ and val/
+    data_dir: str | None = None
+    batch_size: int = 128
+    train_subset: int = 0  # >0: train on this many images (smoke tests)
+    test_subset: int = 0
+    augment: bool = True  # random crop (pad 2) + horizontal flip
+    workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    epochs: float = 5.0
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.25
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    clip_grad: float = 1.0
+    ema_decay: float = 0.0  # >0: keep an EMA of the weights and evaluate it
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    device: str = "auto"  # auto: cuda if available, else cpu
+    amp: bool = False  # bf16 autocast on CUDA
+    channels_last: bool = False
+    seed: int = 0
+    out: str = "runs"
+    name: str = ""  # run directory name; default: <model>-<timestamp>
+    log_every: int = 20
+    ckpt_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    stop_after_steps: int = 0  # stop early (with a checkpoint) after N steps; the schedule still spans all epochs
+
+    def validate(self) -> None:
+        checks = [
+            ("batch_size", self.data.batch_size, self.data.batch_size >= 1, "an integer >= 1"),
+            ("epochs", self.optim.epochs, self.optim.epochs > 0, "a number > 0"),
+            ("lr", self.optim.lr, self.optim.lr > 0, "a number > 0"),
+            ("label_smoothing", self.optim.label_smoothing, 0 <= self.optim.label_smoothing < 1, "in [0, 1)"),
+            ("ema_decay", self.optim.ema_decay, 0 <= self.optim.ema_decay < 1, "in [0, 1)"),
+            ("img_size", self.model.img_size, self.model.img_size is None or self.model.img_size >= 8, ">= 8"),
+            ("in_chans", self.model.in_chans, self.model.in_chans in (None, 1, 3), "1 or 3"),
+        ]
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """Inverse of ``config_to_dict``; unknown keys are errors naming the key."""
+    groups = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key not in top:
+            raise ValueError(f"unknown config key {key!r}; expected one of {sorted(top)}")
+        if key in groups:
+            names = {f.name for f in dataclasses.fields(groups[key])}
+            bad = set(value) - names
+            if bad:
+                raise ValueError(f"unknown config keys {sorted(bad)} in {key!r}; expected some of {sorted(names)}")
+            kwargs[key] = groups[key](**value)
+        else:
+            kwargs[key] = value
+    return RunConfig(**kwargs)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a run config from JSON or YAML (the run directory's ``config.json``, or a recipe)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        d = yaml.safe_load(text) or {}
+    else:
+        d = json.loads(text)
+    return config_from_dict(d)

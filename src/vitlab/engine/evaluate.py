@@ -1,0 +1,59 @@
+"""``vitlab eval``: top-1/top-5, per-class accuracy and a confusion-matrix plot for a run or checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import BatchLoader
+
+__all__ = ["EvalResult", "evaluate_model"]
+
+
+@dataclass
+class EvalResult:
+    top1: float  # percent
+    top5: float
+    loss: float
+    num_images: int
+    per_class: dict[str, float]  # class name -> top-1 percent
+    confusion: list[list[int]]  # [true][predicted]
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, loader: BatchLoader, device: torch.device, classes: list[str],
+                   amp: bool = False) -> EvalResult:
+    """Score ``model`` on every batch of ``loader`` (its epoch-0 order)."""
+    was_training = model.training
+    model.eval()
+    k = min(5, len(classes))
+    n = len(classes)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    correct1 = correct5 = 0
+    loss_sum, count = 0.0, 0
+    for x, y in loader.iter_epoch(0):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        topk = logits.topk(k, dim=-1).indices
+        correct1 += (topk[:, 0] == y).sum().item()
+        correct5 += (topk == y[:, None]).any(-1).sum().item()
+        confusion += torch.bincount(y.cpu() * n + topk[:, 0].cpu(), minlength=n * n).view(n, n)
+        count += y.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation data set is empty")
+    totals = confusion.sum(1).clamp(min=1)
+    per_class = {c: round(100.0 * confusion[i, i].item() / totals[i].item(), 2) for i, c in enumerate(classes)}
+    return EvalResult(top1=round(100.0 * correct1 / count, 3), top5=round(100.0 * correct5 / count, 3),
+                      loss=round(loss_sum / count, 5), num_images=count, per_class=per_class,
+                      confusion=confusion.tolist())

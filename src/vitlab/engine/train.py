@@ -1,0 +1,236 @@
+"""``vitlab train``: AdamW + warmup/cosine, label smoothing, optional mixup/cutmix and EMA, AMP and
+channels-last on CUDA, JSON-lines metrics, atomic checkpoints and exact resume.
+
+Exact resume: batch order and augmentation depend only on (seed, epoch, batch index) (see
+``data.BatchLoader``), and the global RNG states (dropout, drop-path, mixup) are saved with each
+checkpoint, so a resumed run computes the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import CheckpointError, TrainingDivergedError
+from .checkpoint import atomic_write, load_state, load_weights, save_state, save_weights
+from .config import RunConfig, config_to_dict, load_config
+from .evaluate import evaluate_model
+from .inference import evaluate_run
+from .plots import plot_curves
+from .setup import build_datasets, build_loader, build_model, resolve_device
+
+__all__ = ["train"]
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    best_top1: float = -1.0
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_rest": [int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _run_dir(cfg: RunConfig) -> Path:
+    name = cfg.name or f"{cfg.model.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = Path(cfg.out) / name
+    if (run / "config.json").exists():
+        raise CheckpointError(f"run directory {str(run)!r} already holds a run; use --resume {run} or another --name")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Path:
+    """Train, evaluating after each epoch; returns the run directory. ``resume`` continues a run directory."""
+    if resume is not None:
+        run = Path(resume)
+        if not (run / "config.json").is_file():
+            raise CheckpointError(f"--resume {str(run)!r}: no config.json there; expected a vitlab run directory")
+        cfg = load_config(run / "config.json")
+    cfg = cfg or RunConfig()
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    data = build_datasets(cfg)
+    classes = data["train"].classes
+    in_chans = cfg.model.in_chans or data["train"].in_chans
+    train_loader = build_loader(data["train"], cfg, train=True, in_chans=in_chans)
+    test_loader = build_loader(data["test"], cfg, train=False, in_chans=in_chans)
+    model = build_model(cfg, len(classes), in_chans).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    o = cfg.optim
+    steps_per_epoch = len(train_loader)
+    total_steps = max(1, math.ceil(o.epochs * steps_per_epoch))
+    optimizer = create_optimizer_v2(model, "adamw", lr=o.lr, weight_decay=o.weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=o.min_lr, warmup_t=int(o.warmup_epochs *
+                                  steps_per_epoch), warmup_lr_init=o.lr * 1e-3, t_in_epochs=False)
+    ema = ModelEmaV3(model, decay=o.ema_decay) if o.ema_decay > 0 else None
+    mixup = (Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, label_smoothing=o.label_smoothing,
+                   num_classes=len(classes)) if o.mixup > 0 or o.cutmix > 0 else None)
+    soft_loss = SoftTargetCrossEntropy()
+
+    meta = dict(model=cfg.model.model, num_classes=len(classes), in_chans=in_chans, img_size=train_loader.img_size,
+                classes=classes, mean=list(train_loader.mean), std=list(train_loader.std), vitlab_version=__version__)
+    prog = _Progress()
+    if resume is not None:
+        run = Path(resume)
+        prog = _restore(run, model, optimizer, scheduler, ema)
+        _truncate_metrics(run / "metrics.jsonl", prog.step)
+    else:
+        run = _run_dir(cfg)
+        (run / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    ckpt = run / "checkpoints"
+    metrics = open(run / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the whole run)
+
+    def save(stem: str) -> None:
+        save_weights(model, ckpt / f"{stem}.safetensors", {**meta, "step": prog.step})
+        state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=prog.step,
+                     best_top1=prog.best_top1, rng=_rng_state())
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        save_state(ckpt / f"{stem}.state.pt", state)
+
+    use_amp = cfg.amp and device.type == "cuda"
+    model.train()
+    t_start = time.perf_counter()
+    eval_seconds = 0.0
+    t_last, seen = time.perf_counter(), 0
+    epoch = prog.step // steps_per_epoch
+    bar = tqdm(total=total_steps, initial=prog.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    try:
+        while prog.step < total_steps:
+            for x, y in train_loader.iter_epoch(epoch, start_batch=prog.step % steps_per_epoch):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cfg.channels_last and device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    if mixup is not None:
+                        x, y_soft = mixup(x, y)
+                        logits = model(x)
+                        loss = soft_loss(logits, y_soft)
+                    else:
+                        logits = model(x)
+                        loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
+                if not torch.isfinite(loss):
+                    last = ckpt / "last.safetensors"
+                    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+                    metrics.write(json.dumps({"step": prog.step, "event": "diverged", "loss": loss.item()}) + "\n")
+                    raise TrainingDivergedError(
+                        f"loss became {loss.item()} at step {prog.step} (epoch {epoch}); stopping, {kept}. "
+                        "Try a lower --lr, a longer --warmup-epochs or --clip-grad 1.0."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if o.clip_grad > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+                optimizer.step()
+                prog.step += 1
+                scheduler.step_update(prog.step)
+                if ema is not None:
+                    ema.update(model, step=prog.step)
+                seen += x.shape[0]
+                bar.update(1)
+                if prog.step % cfg.log_every == 0 or prog.step == total_steps:
+                    now = time.perf_counter()
+                    rec = dict(step=prog.step, epoch=epoch, loss=round(loss.item(), 6),
+                               acc=round((logits.argmax(-1) == y).float().mean().item(), 4),
+                               lr=optimizer.param_groups[0]["lr"], img_per_s=round(seen / (now - t_last), 1))
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{rec['img_per_s']:.0f}")
+                    t_last, seen = now, 0
+                stop = cfg.stop_after_steps and prog.step >= cfg.stop_after_steps
+                if (cfg.ckpt_every and prog.step % cfg.ckpt_every == 0) or stop:
+                    save("last")
+                if stop or prog.step >= total_steps:
+                    break
+            if cfg.stop_after_steps and prog.step >= cfg.stop_after_steps and prog.step < total_steps:
+                bar.write(f"stopped after {prog.step} steps (--stop-after-steps); resume with --resume {run}")
+                break
+            epoch += 1
+            scored = ema.module if ema is not None else model
+            t_eval = time.perf_counter()
+            res = evaluate_model(scored, test_loader, device, classes, amp=use_amp)
+            eval_seconds += time.perf_counter() - t_eval
+            rec = dict(epoch=epoch, step=prog.step, test_top1=res.top1, test_top5=res.top5, test_loss=res.loss)
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            bar.write(f"epoch {epoch}: test top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  loss {res.loss:.4f}")
+            save("last")
+            if res.top1 > prog.best_top1:
+                prog.best_top1 = res.top1
+                save_weights(scored, ckpt / "best.safetensors", {**meta, "step": prog.step, "top1": res.top1})
+            model.train()
+    finally:
+        bar.close()
+        metrics.close()
+    wall = time.perf_counter() - t_start
+    plot_curves(run / "metrics.jsonl", run / "curves.png")
+    if prog.step >= total_steps:
+        res = evaluate_run(run, device=str(device))
+        summary = dict(model=cfg.model.model, run_dir=str(run), device=str(device), steps=prog.step,
+                       epochs=o.epochs, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
+                       train_seconds=round(wall - eval_seconds, 1), wall_seconds_with_evals=round(wall, 1),
+                       test_top1=res.top1, test_top5=res.top5, best_top1=prog.best_top1,
+                       checkpoint=str(ckpt / "best.safetensors"), vitlab_version=__version__)
+        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    return run
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    # Records after the restored checkpoint are recomputed by the resumed run; drop the stale ones.
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+def _restore(run: Path, model: nn.Module, optimizer, scheduler, ema) -> _Progress:
+    weights, state_path = run / "checkpoints" / "last.safetensors", run / "checkpoints" / "last.state.pt"
+    meta = load_weights(model, weights)
+    state = load_state(state_path)
+    if meta.get("step") != state["step"]:
+        raise CheckpointError(
+            f"{weights} (step {meta.get('step')}) and {state_path} (step {state['step']}) are from different steps; "
+            "the run was interrupted while checkpointing"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and "ema" in state:
+        ema.module.load_state_dict(state["ema"])
+    _set_rng_state(state["rng"])
+    return _Progress(step=int(state["step"]), best_top1=float(state["best_top1"]))

@@ -1,0 +1,17 @@
+"""The errors vitlab raises for bad input; the CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "TrainingDivergedError", "VitlabError"]
+
+
+class VitlabError(Exception):
+    """Base class of errors about user input that the command line reports as one clear message."""
+
+
+class CheckpointError(VitlabError, ValueError):
+    """A checkpoint or run directory that is missing, torn, or not vitlab's."""
+
+
+class TrainingDivergedError(VitlabError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
