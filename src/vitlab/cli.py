@@ -119,8 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        print(f"test top-1 {s['test_top1']:.2f}%  top-5 {s['test_top5']:.2f}%  "
-              f"training {s['train_seconds']:.0f}s  ({s['steps']} steps)")
+        print(
+            f"test top-1 {s['test_top1']:.2f}%  top-5 {s['test_top5']:.2f}%  "
+            f"training {s['train_seconds']:.0f}s  ({s['steps']} steps)"
+        )
     print(f"run directory: {run}")
     return 0
 
@@ -128,8 +130,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate_run
 
-    res = evaluate_run(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
-                       device=args.device, out=args.out)
+    res = evaluate_run(
+        args.checkpoint,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        device=args.device,
+        out=args.out,
+    )
     print(f"top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  loss {res.loss:.4f}  ({res.num_images} images)")
     for name, acc in res.per_class.items():
         print(f"  {name:20s} {acc:6.2f}%")
@@ -148,8 +156,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     out = args.out or str(Path("runs") / "bench" / "bench")
-    run_bench(args.models, img_size=args.img_size, batch_size=args.batch_size, device=args.device, amp=args.amp,
-              compile=args.compile, channels_last=args.channels_last, baseline=args.baseline, out=out)
+    run_bench(
+        args.models,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        amp=args.amp,
+        compile=args.compile,
+        channels_last=args.channels_last,
+        baseline=args.baseline,
+        out=out,
+    )
     return 0
 
 

@@ -79,7 +79,8 @@ def test_other_resolution_and_one_channel(name):
     gray = _build(name, in_chans=1)
     with torch.no_grad():
         out = gray(_input(name, in_chans=1))
-    assert out.shape == (2, NUM_CLASSES) and torch.isfinite(out).all()
+    assert out.shape == (2, NUM_CLASSES)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -109,10 +110,11 @@ def test_grad_checkpointing_same_output(name):
 def test_forward_intermediates(name):
     model = _build(name)
     with torch.no_grad():
-        final, inter = model.forward_intermediates(_input(name))
+        _final, inter = model.forward_intermediates(_input(name))
     assert len(inter) >= 1
     for t in inter:
-        assert t.ndim == 4 and t.shape[0] == 2  # (B, C, H, W) feature maps
+        assert t.ndim == 4
+        assert t.shape[0] == 2
 
 
 @pytest.mark.export

@@ -29,8 +29,9 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate_model(model: nn.Module, loader: BatchLoader, device: torch.device, classes: list[str],
-                   amp: bool = False) -> EvalResult:
+def evaluate_model(
+    model: nn.Module, loader: BatchLoader, device: torch.device, classes: list[str], amp: bool = False
+) -> EvalResult:
     """Score ``model`` on every batch of ``loader`` (its epoch-0 order)."""
     was_training = model.training
     model.eval()
@@ -54,6 +55,11 @@ def evaluate_model(model: nn.Module, loader: BatchLoader, device: torch.device, 
         raise ValueError("evaluation data set is empty")
     totals = confusion.sum(1).clamp(min=1)
     per_class = {c: round(100.0 * confusion[i, i].item() / totals[i].item(), 2) for i, c in enumerate(classes)}
-    return EvalResult(top1=round(100.0 * correct1 / count, 3), top5=round(100.0 * correct5 / count, 3),
-                      loss=round(loss_sum / count, 5), num_images=count, per_class=per_class,
-                      confusion=confusion.tolist())
+    return EvalResult(
+        top1=round(100.0 * correct1 / count, 3),
+        top5=round(100.0 * correct5 / count, 3),
+        loss=round(loss_sum / count, 5),
+        num_images=count,
+        per_class=per_class,
+        confusion=confusion.tolist(),
+    )

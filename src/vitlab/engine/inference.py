@@ -28,10 +28,15 @@ def _resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
         for stem in ("best", "last"):
             if (path / "checkpoints" / f"{stem}.safetensors").is_file():
                 return path / "checkpoints" / f"{stem}.safetensors", path
-        raise CheckpointError(f"{str(path)!r} holds no checkpoints/best.safetensors or last.safetensors; "
-                              "expected a vitlab run directory or a .safetensors checkpoint")
-    run = path.parent.parent if path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file() \
+        raise CheckpointError(
+            f"{str(path)!r} holds no checkpoints/best.safetensors or last.safetensors; "
+            "expected a vitlab run directory or a .safetensors checkpoint"
+        )
+    run = (
+        path.parent.parent
+        if path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file()
         else None
+    )
     return path, run
 
 
@@ -42,14 +47,21 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     missing = [k for k in ("model", "num_classes", "in_chans", "img_size") if k not in meta]
     if missing:
         raise CheckpointError(f"{str(weights)!r} lacks metadata {missing}; it was not written by vitlab train")
-    model = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"],
-                         img_size=meta["img_size"])
+    model = create_model(
+        meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"], img_size=meta["img_size"]
+    )
     load_weights(model, weights)
     return model.to(resolve_device(str(device))).eval(), meta, run
 
 
-def evaluate_run(path: str | Path, dataset: str | None = None, data_dir: str | None = None, batch_size: int = 256,
-                 device: str = "auto", out: str | Path | None = None) -> EvalResult:
+def evaluate_run(
+    path: str | Path,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    out: str | Path | None = None,
+) -> EvalResult:
     """Evaluate a run directory or checkpoint on its test split; writes eval.json and confusion.png."""
     dev = resolve_device(device)
     model, meta, run = load_trained(path, dev)
@@ -62,13 +74,18 @@ def evaluate_run(path: str | Path, dataset: str | None = None, data_dir: str | N
     cfg.model.img_size = meta["img_size"]
     ds = build_datasets(cfg, splits=("test",))["test"]
     if len(ds.classes) != meta["num_classes"]:
-        raise ValueError(f"the data set has {len(ds.classes)} classes but the checkpoint predicts {meta['num_classes']}")
+        raise ValueError(
+            f"the data set has {len(ds.classes)} classes but the checkpoint predicts {meta['num_classes']}"
+        )
     res = evaluate_model(model, build_loader(ds, cfg, train=False, in_chans=meta["in_chans"]), dev, meta["classes"])
-    out_dir = Path(out) if out is not None else (run / "eval" if run is not None else Path(path).with_suffix("") / "eval")
+    out_dir = (
+        Path(out) if out is not None else (run / "eval" if run is not None else Path(path).with_suffix("") / "eval")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     res.to_json(out_dir / "eval.json")
-    plot_confusion(res.confusion, meta["classes"], out_dir / "confusion.png",
-                   title=f"{meta['model']}: top-1 {res.top1:.2f}%")
+    plot_confusion(
+        res.confusion, meta["classes"], out_dir / "confusion.png", title=f"{meta['model']}: top-1 {res.top1:.2f}%"
+    )
     return res
 
 
@@ -91,5 +108,6 @@ def predict(images: list[str | Path], checkpoint: str | Path, topk: int = 3, dev
         x = resize_batch(normalize(match_channels(x, meta["in_chans"]), meta["mean"], meta["std"]), meta["img_size"])
         probs = model(x.to(dev)).softmax(-1)[0].cpu()
         p, i = probs.topk(min(topk, probs.numel()))
-        out.append(Prediction(str(path), [(meta["classes"][j], round(v, 5)) for v, j in zip(p.tolist(), i.tolist())]))
+        top = [(meta["classes"][j], round(v, 5)) for v, j in zip(p.tolist(), i.tolist(), strict=True)]
+        out.append(Prediction(str(path), top))
     return out

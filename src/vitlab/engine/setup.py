@@ -34,7 +34,7 @@ def model_img_size(cfg: RunConfig) -> int:
 
 
 def build_datasets(cfg: RunConfig, splits: tuple[str, ...] = ("train", "test")) -> dict[str, Dataset]:
-    """The data sets named by ``cfg.data.dataset``; an image-folder root needs ``train/`` and ``val/`` (or ``test/``)."""
+    """The data sets named by ``cfg.data.dataset``; a folder root needs ``train/`` and ``val/`` (or ``test/``)."""
     d = cfg.data
     out: dict[str, Dataset] = {}
     for split in splits:
@@ -77,7 +77,7 @@ def build_loader(ds: Dataset, cfg: RunConfig, train: bool, in_chans: int) -> Bat
 
 
 def build_model(cfg: RunConfig, num_classes: int, in_chans: int) -> nn.Module:
-    kwargs: dict = dict(num_classes=num_classes, in_chans=in_chans)
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
     if cfg.model.img_size is not None:
         kwargs["img_size"] = cfg.model.img_size
     if cfg.model.drop_path_rate is not None:

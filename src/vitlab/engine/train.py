@@ -33,7 +33,7 @@ from .config import RunConfig, config_to_dict, load_config
 from .evaluate import evaluate_model
 from .inference import evaluate_run
 from .plots import plot_curves
-from .setup import build_datasets, build_loader, build_model, resolve_device
+from .setup import build_datasets, build_loader, build_model, model_img_size, resolve_device
 
 __all__ = ["train"]
 
@@ -45,9 +45,12 @@ class _Progress:
 
 
 def _rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-             "numpy_rest": [int(pos), int(has_gauss), float(cached)]}
+    _name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_rest": [int(pos), int(has_gauss), float(cached)],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -77,6 +80,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
         if not (run / "config.json").is_file():
             raise CheckpointError(f"--resume {str(run)!r}: no config.json there; expected a vitlab run directory")
         cfg = load_config(run / "config.json")
+        cfg.stop_after_steps = 0  # the early stop belonged to the interrupted invocation
     cfg = cfg or RunConfig()
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -96,15 +100,32 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
     steps_per_epoch = len(train_loader)
     total_steps = max(1, math.ceil(o.epochs * steps_per_epoch))
     optimizer = create_optimizer_v2(model, "adamw", lr=o.lr, weight_decay=o.weight_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=o.min_lr, warmup_t=int(o.warmup_epochs *
-                                  steps_per_epoch), warmup_lr_init=o.lr * 1e-3, t_in_epochs=False)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=total_steps,
+        lr_min=o.min_lr,
+        warmup_t=int(o.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=o.lr * 1e-3,
+        t_in_epochs=False,
+    )
     ema = ModelEmaV3(model, decay=o.ema_decay) if o.ema_decay > 0 else None
-    mixup = (Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, label_smoothing=o.label_smoothing,
-                   num_classes=len(classes)) if o.mixup > 0 or o.cutmix > 0 else None)
+    mixup = (
+        Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, label_smoothing=o.label_smoothing, num_classes=len(classes))
+        if o.mixup > 0 or o.cutmix > 0
+        else None
+    )
     soft_loss = SoftTargetCrossEntropy()
 
-    meta = dict(model=cfg.model.model, num_classes=len(classes), in_chans=in_chans, img_size=train_loader.img_size,
-                classes=classes, mean=list(train_loader.mean), std=list(train_loader.std), vitlab_version=__version__)
+    meta = {
+        "model": cfg.model.model,
+        "num_classes": len(classes),
+        "in_chans": in_chans,
+        "img_size": model_img_size(cfg),
+        "classes": classes,
+        "mean": list(train_loader.mean),
+        "std": list(train_loader.std),
+        "vitlab_version": __version__,
+    }
     prog = _Progress()
     if resume is not None:
         run = Path(resume)
@@ -118,8 +139,13 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
 
     def save(stem: str) -> None:
         save_weights(model, ckpt / f"{stem}.safetensors", {**meta, "step": prog.step})
-        state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=prog.step,
-                     best_top1=prog.best_top1, rng=_rng_state())
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": prog.step,
+            "best_top1": prog.best_top1,
+            "rng": _rng_state(),
+        }
         if ema is not None:
             state["ema"] = ema.module.state_dict()
         save_state(ckpt / f"{stem}.state.pt", state)
@@ -166,9 +192,14 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
                 bar.update(1)
                 if prog.step % cfg.log_every == 0 or prog.step == total_steps:
                     now = time.perf_counter()
-                    rec = dict(step=prog.step, epoch=epoch, loss=round(loss.item(), 6),
-                               acc=round((logits.argmax(-1) == y).float().mean().item(), 4),
-                               lr=optimizer.param_groups[0]["lr"], img_per_s=round(seen / (now - t_last), 1))
+                    rec = {
+                        "step": prog.step,
+                        "epoch": epoch,
+                        "loss": loss.item(),
+                        "acc": round((logits.argmax(-1) == y).float().mean().item(), 4),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "img_per_s": round(seen / (now - t_last), 1),
+                    }
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{rec['img_per_s']:.0f}")
@@ -186,7 +217,8 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
             t_eval = time.perf_counter()
             res = evaluate_model(scored, test_loader, device, classes, amp=use_amp)
             eval_seconds += time.perf_counter() - t_eval
-            rec = dict(epoch=epoch, step=prog.step, test_top1=res.top1, test_top5=res.top5, test_loss=res.loss)
+            rec = {"epoch": epoch, "step": prog.step, "test_top1": res.top1, "test_top5": res.top5}
+            rec["test_loss"] = res.loss
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             bar.write(f"epoch {epoch}: test top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  loss {res.loss:.4f}")
@@ -202,11 +234,21 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
     plot_curves(run / "metrics.jsonl", run / "curves.png")
     if prog.step >= total_steps:
         res = evaluate_run(run, device=str(device))
-        summary = dict(model=cfg.model.model, run_dir=str(run), device=str(device), steps=prog.step,
-                       epochs=o.epochs, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
-                       train_seconds=round(wall - eval_seconds, 1), wall_seconds_with_evals=round(wall, 1),
-                       test_top1=res.top1, test_top5=res.top5, best_top1=prog.best_top1,
-                       checkpoint=str(ckpt / "best.safetensors"), vitlab_version=__version__)
+        summary = {
+            "model": cfg.model.model,
+            "run_dir": str(run),
+            "device": str(device),
+            "steps": prog.step,
+            "epochs": o.epochs,
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
+            "train_seconds": round(wall - eval_seconds, 1),
+            "wall_seconds_with_evals": round(wall, 1),
+            "test_top1": res.top1,
+            "test_top5": res.top5,
+            "best_top1": prog.best_top1,
+            "checkpoint": str(ckpt / "best.safetensors"),
+            "vitlab_version": __version__,
+        }
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return run
 

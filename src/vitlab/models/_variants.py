@@ -67,20 +67,20 @@ class VariantSpec:
     classifier: str | tuple[str, ...] = "head"
 
     def pretrained_cfg(self) -> dict[str, Any]:
-        return dict(
-            input_size=(self.in_chans, self.img_size, self.img_size),
-            mean=self.mean,
-            std=self.std,
-            num_classes=self.num_classes,
-            interpolation="bicubic",
-            crop_pct=1.0 if self.img_size < 64 else 0.9,
-            first_conv=self.first_conv,
-            classifier=self.classifier,
-            paper_name=self.paper.title,
-            paper_ids=f"arXiv:{self.paper.arxiv}",
-            origin_url=self.paper.code,
-            description=self.description,
-        )
+        return {
+            "input_size": (self.in_chans, self.img_size, self.img_size),
+            "mean": self.mean,
+            "std": self.std,
+            "num_classes": self.num_classes,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0 if self.img_size < 64 else 0.9,
+            "first_conv": self.first_conv,
+            "classifier": self.classifier,
+            "paper_name": self.paper.title,
+            "paper_ids": f"arXiv:{self.paper.arxiv}",
+            "origin_url": self.paper.code,
+            "description": self.description,
+        }
 
 
 # name -> spec for every model vitlab offers, its own and the timm models it reaches

@@ -17,8 +17,13 @@ from timm.models.tiny_vit import TinyVit, checkpoint_filter_fn
 
 from ._variants import Paper, VariantSpec, register_variants
 
-TINY_VIT = Paper(4, "TinyViT: Fast Pretraining Distillation for Small Vision Transformers", "2207.10666",
-                 "https://github.com/wkcn/TinyViT", kind="BT")
+TINY_VIT = Paper(
+    4,
+    "TinyViT: Fast Pretraining Distillation for Small Vision Transformers",
+    "2207.10666",
+    "https://github.com/wkcn/TinyViT",
+    kind="BT",
+)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> TinyVit:
@@ -28,7 +33,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> TinyVit:
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)),
+        feature_cfg={"flatten_sequential": True, "out_indices": (0, 1, 2)},
         **kwargs,
     )
 
@@ -36,11 +41,22 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> TinyVit:
 VARIANTS = {
     "tiny_vit_1m_28": VariantSpec(
         TINY_VIT,
-        kwargs=dict(in_chans=1, num_classes=10, embed_dims=(64, 128, 160), depths=(2, 2, 2), num_heads=(2, 4, 5),
-                    window_sizes=(7, 7, 7), drop_path_rate=0.0),
-        img_size=28, in_chans=1, num_classes=10, mean=(0.2860,), std=(0.3530,),
+        kwargs={
+            "in_chans": 1,
+            "num_classes": 10,
+            "embed_dims": (64, 128, 160),
+            "depths": (2, 2, 2),
+            "num_heads": (2, 4, 5),
+            "window_sizes": (7, 7, 7),
+            "drop_path_rate": 0.0,
+        },
+        img_size=28,
+        in_chans=1,
+        num_classes=10,
+        mean=(0.2860,),
+        std=(0.3530,),
         ref_source="vitlab small-image size (no paper table)",
-        test_kwargs=dict(embed_dims=(16, 32, 48), depths=(1, 1, 1), num_heads=(1, 2, 3)),
+        test_kwargs={"embed_dims": (16, 32, 48), "depths": (1, 1, 1), "num_heads": (1, 2, 3)},
         description="TinyViT for 28-32 px (3 stages), the Fashion-MNIST quickstart default",
         first_conv="patch_embed.conv1.conv",
         classifier="head.fc",

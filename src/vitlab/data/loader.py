@@ -1,0 +1,132 @@
+"""A deterministic, resumable batch iterator over vitlab datasets.
+
+The order of epoch ``e`` and the augmentation of its batch ``b`` depend only on ``(seed, e)`` and
+``(seed, e, b)``, never on what ran before. So ``iter_epoch(e, start_batch=b)`` yields exactly the batches a full
+epoch yields from ``b`` on, which is what makes ``--resume`` exact.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from .datasets import ImageFolderDataset, TensorImageDataset, _pair
+from .errors import DataError
+from .transforms import match_channels, match_channels_stats, normalize, random_crop_flip, resize_batch
+
+__all__ = ["BatchLoader"]
+
+_PRIME = 1_000_003
+_MASK = (1 << 63) - 1
+
+
+def _derive_seed(*parts: int) -> int:
+    """Fold integers into one non-negative seed (stable across runs, unlike ``hash()``)."""
+    seed = 0
+    for p in parts:
+        seed = (seed * _PRIME + p) & _MASK
+    return seed
+
+
+def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, targets = zip(*items, strict=True)
+    return torch.stack(images), torch.tensor(targets, dtype=torch.long)
+
+
+class BatchLoader:
+    """Yield ``(x float32 (B, in_chans, H, W), y int64 (B,))`` batches, reproducibly from ``seed`` and the epoch.
+
+    Args:
+        dataset: a :class:`TensorImageDataset` or :class:`ImageFolderDataset`.
+        augment: apply :func:`random_crop_flip` (at the dataset's resolution, before resizing).
+        img_size, in_chans: model input; default to the dataset's.
+        mean, std: normalisation constants; default to the dataset's. Both are matched to ``in_chans``.
+        num_workers: worker processes decoding an :class:`ImageFolderDataset` (ignored for in-memory data).
+    """
+
+    def __init__(
+        self,
+        dataset: TensorImageDataset | ImageFolderDataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        augment: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        img_size: int | tuple[int, int] | None = None,
+        in_chans: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if len(dataset) == 0:
+            raise DataError(f"cannot batch an empty dataset ({getattr(dataset, 'name', '') or type(dataset).__name__})")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.img_size = _pair(img_size if img_size is not None else dataset.img_size)
+        self.in_chans = in_chans if in_chans is not None else dataset.in_chans
+        self.mean, self.std = match_channels_stats(
+            dataset.mean if mean is None else mean, dataset.std if std is None else std, self.in_chans
+        )
+        # fail here, not at the first batch, when the dataset's channels cannot be matched
+        match_channels(torch.zeros(dataset.in_chans, 1, 1, dtype=torch.uint8), self.in_chans)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The sample order of ``epoch``: a permutation seeded from ``(seed, epoch)``, or ``arange`` unshuffled."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(_derive_seed(self.seed, epoch)))
+
+    def _batch_indices(self, epoch: int, start_batch: int) -> list[torch.Tensor]:
+        order = self.epoch_order(epoch)
+        B = self.batch_size
+        return [order[b * B : (b + 1) * B] for b in range(start_batch, len(self))]
+
+    def _fetch(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield uint8 images and int64 targets for each index batch, in order."""
+        dataset = self.dataset
+        if isinstance(dataset, TensorImageDataset):
+            for idx in batches:
+                yield dataset.images[idx], dataset.targets[idx]
+        elif self.num_workers > 0:
+            # one DataLoader per epoch: workers start once, and batch_sampler keeps our order
+            loader = DataLoader(
+                dataset,
+                batch_sampler=[idx.tolist() for idx in batches],
+                num_workers=self.num_workers,
+                collate_fn=_collate,
+            )
+            yield from loader
+        else:
+            for idx in batches:
+                yield _collate([dataset[i] for i in idx.tolist()])
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the batches of ``epoch`` from batch ``start_batch`` on (the same batches a full epoch yields)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} is out of range for an epoch of {len(self)} batches")
+        batches = self._batch_indices(epoch, start_batch)
+        for b, (images, targets) in enumerate(self._fetch(batches), start=start_batch):
+            if self.augment:
+                generator = torch.Generator().manual_seed(_derive_seed(self.seed, epoch, b, 1))
+                images = random_crop_flip(images, generator)
+            x = normalize(match_channels(images, self.in_chans), self.mean, self.std)
+            yield resize_batch(x, self.img_size), targets
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_epoch(0)

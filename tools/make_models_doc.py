@@ -1,0 +1,332 @@
+"""Generate ``docs/models.md`` from vitlab's model registry and ``docs/paper_status.toml``.
+
+    python tools/make_models_doc.py            # rewrite docs/models.md
+    python tools/make_models_doc.py --check    # exit 1 when docs/models.md is out of date
+
+The registry says which models exist (``vitlab.list_models()``, each tied to a PAPERS.md row by
+``get_variant(name).paper.number``); the status file says how far each paper is. The two must
+agree, and anything inconsistent stops the generator with a message naming the row or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "DOC_PATH",
+    "NUM_PAPERS",
+    "STATUSES",
+    "STATUS_PATH",
+    "PaperStatus",
+    "StatusError",
+    "group_models",
+    "load_status",
+    "main",
+    "registry_variants",
+    "render",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+STATUS_PATH = ROOT / "docs" / "paper_status.toml"
+DOC_PATH = ROOT / "docs" / "models.md"
+NUM_PAPERS = 44  # PAPERS.md rows 0..43
+STATUSES = ("works", "partial", "missing")
+REGENERATE = "python tools/make_models_doc.py"
+
+_KIND = re.compile(r"^[BTHC](\+[BTHC])*$")
+_ARXIV = re.compile(r"^(\d{4}\.\d{4,5})?$")
+_REQUIRED = ("number", "title", "arxiv", "kind", "status", "verified", "issue", "notes")
+_OPTIONAL = ("name",)
+_DASH = "—"
+
+
+class StatusError(ValueError):
+    """The status file is malformed or disagrees with the model registry."""
+
+
+@dataclass(frozen=True)
+class PaperStatus:
+    """One row of the status file (one paper of PAPERS.md)."""
+
+    number: int
+    title: str
+    arxiv: str
+    kind: str
+    status: str
+    verified: str
+    issue: int | None
+    notes: str
+    name: str = ""
+
+    @property
+    def kind_letters(self) -> frozenset[str]:
+        return frozenset(self.kind.replace("+", ""))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_row(index: int, row: Any) -> tuple[PaperStatus | None, list[str]]:
+    """Validate one ``[[paper]]`` table; returns the parsed row (or None) and the problems found."""
+    if not isinstance(row, dict):
+        return None, [f"[[paper]] entry {index} is not a table"]
+    where = f"row number={row.get('number')!r} (entry {index})"
+    errors = [f"{where}: missing field {key!r}" for key in _REQUIRED if key not in row]
+    errors += [f"{where}: unknown field {key!r}" for key in sorted(set(row) - set(_REQUIRED) - set(_OPTIONAL))]
+    if errors:
+        return None, errors
+    if not _is_int(row["number"]) or row["number"] < 0:
+        errors.append(f"{where}: number must be a non-negative integer")
+    for key in ("title", "arxiv", "kind", "status", "verified", "notes", *_OPTIONAL):
+        if key in row and not isinstance(row[key], str):
+            errors.append(f"{where}: {key} must be a string")
+    if errors:
+        return None, errors
+    status, verified, issue = row["status"], row["verified"].strip(), row["issue"]
+    if status not in STATUSES:
+        errors.append(f"{where}: invalid status {status!r}; expected one of {', '.join(STATUSES)}")
+    if not _KIND.match(row["kind"]):
+        errors.append(f"{where}: invalid kind {row['kind']!r}; expected letters B/T/H/C joined by '+', e.g. 'B+T'")
+    if not _ARXIV.match(row["arxiv"]):
+        errors.append(f"{where}: arxiv must be an id like '2103.14030' or \"\", got {row['arxiv']!r}")
+    if not row["title"].strip():
+        errors.append(f"{where}: title is empty")
+    if not (issue == "" or (_is_int(issue) and issue > 0)):
+        errors.append(f'{where}: issue must be a positive issue number or "" (none filed), got {issue!r}')
+    if status == "missing" and verified:
+        errors.append(f"{where}: status is 'missing' but 'verified' is filled in; empty it or change the status")
+    if status in ("partial", "works") and not verified:
+        errors.append(f"{where}: status is {status!r} but 'verified' does not say how it was verified")
+    if errors:
+        return None, errors
+    parsed = PaperStatus(
+        number=row["number"],
+        title=row["title"].strip(),
+        arxiv=row["arxiv"],
+        kind=row["kind"],
+        status=status,
+        verified=verified,
+        issue=issue if issue != "" else None,
+        notes=row["notes"].strip(),
+        name=row.get("name", "").strip(),
+    )
+    return parsed, []
+
+
+def load_status(path: str | Path = STATUS_PATH, numbers: Iterable[int] = range(NUM_PAPERS)) -> dict[int, PaperStatus]:
+    """Read and validate a status file: exactly one valid row for each of ``numbers``.
+
+    Raises:
+        StatusError: listing every problem found (missing, duplicate or unexpected rows, bad fields).
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise StatusError(f"{path}: status file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise StatusError(f"{path}: not valid TOML: {exc}") from exc
+    rows = data.get("paper")
+    if not isinstance(rows, list) or not rows:
+        raise StatusError(f"{path}: expected [[paper]] tables, found none")
+    unknown_top = sorted(set(data) - {"paper"})
+    errors = [f"unknown top-level key {key!r}" for key in unknown_top]
+    parsed: dict[int, PaperStatus] = {}
+    for index, row in enumerate(rows):
+        entry, problems = _check_row(index, row)
+        errors += problems
+        if entry is None:
+            continue
+        if entry.number in parsed:
+            errors.append(f"duplicate row for paper number {entry.number}")
+        parsed[entry.number] = entry
+    expected = set(numbers)
+    missing = sorted(expected - set(parsed))
+    extra = sorted(set(parsed) - expected)
+    # A row that failed validation is reported above; do not also call it missing.
+    failed = {row["number"] for row in rows if isinstance(row, dict) and _is_int(row.get("number"))} - set(parsed)
+    missing = [n for n in missing if n not in failed]
+    if missing:
+        errors.append(f"missing row(s) for paper number(s) {', '.join(map(str, missing))}")
+    if extra:
+        known = f"{min(expected)}..{max(expected)}" if expected else "none"
+        errors.append(f"row(s) for unknown paper number(s) {', '.join(map(str, extra))} (expected {known})")
+    if errors:
+        raise StatusError(f"{path}:\n  " + "\n  ".join(errors))
+    return dict(sorted(parsed.items()))
+
+
+def registry_variants() -> dict[str, Any]:
+    """Every registered vitlab model name mapped to its ``VariantSpec``."""
+    import vitlab
+
+    return {name: vitlab.get_variant(name) for name in vitlab.list_models()}
+
+
+def group_models(status: Mapping[int, PaperStatus], variants: Mapping[str, Any]) -> dict[int, list[str]]:
+    """Model names per paper number, after checking the registry against the status rows.
+
+    Raises:
+        StatusError: a model names a paper without a row, its paper kind disagrees with the row,
+            or a row says "missing" although models are registered for it.
+    """
+    errors: list[str] = []
+    grouped: dict[int, list[str]] = {number: [] for number in status}
+    for name in sorted(variants):
+        paper = variants[name].paper
+        row = status.get(paper.number)
+        if row is None:
+            errors.append(f"model {name!r} is registered for paper #{paper.number}, which has no status row")
+            continue
+        if frozenset(paper.kind.replace("+", "")) != row.kind_letters:
+            errors.append(
+                f"model {name!r}: Paper kind {paper.kind!r} disagrees with row #{row.number} kind {row.kind!r}"
+            )
+        grouped[paper.number].append(name)
+    for number, names in grouped.items():
+        if names and status[number].status == "missing":
+            errors.append(
+                f"row #{number} says 'missing' but models are registered for it ({', '.join(names)}); "
+                "set its status to 'partial' or 'works' and say how it was verified"
+            )
+    if errors:
+        raise StatusError("status file and model registry disagree:\n  " + "\n  ".join(errors))
+    return grouped
+
+
+def _cell(text: str) -> str:
+    """Make text safe inside one markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|") or _DASH
+
+
+def _paper_cell(row: PaperStatus) -> str:
+    title = _cell(row.title)
+    if row.arxiv:
+        title = f"[{title}](https://arxiv.org/abs/{row.arxiv})"
+    return f"**{_cell(row.name)}**<br>{title}" if row.name else title
+
+
+def _notes_cell(row: PaperStatus) -> str:
+    parts = []
+    if row.verified:
+        parts.append(f"*Verified:* {_cell(row.verified)}")
+    if row.notes:
+        parts.append(f"*Notes:* {_cell(row.notes)}")
+    return "<br>".join(parts) or _DASH
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _paper_table(status: Mapping[int, PaperStatus], grouped: Mapping[int, Sequence[str]]) -> list[str]:
+    lines = [
+        "| # | paper | kind | vitlab models | status | verified / notes | issue |",
+        "|---:|---|---|---|---|---|---|",
+    ]
+    for number, row in status.items():
+        models = ", ".join(f"`{name}`" for name in grouped[number]) or _DASH
+        issue = f"#{row.issue}" if row.issue is not None else _DASH
+        lines.append(
+            f"| {number} | {_paper_cell(row)} | {row.kind} | {models} | {row.status} | {_notes_cell(row)} | {issue} |"
+        )
+    return lines
+
+
+def _model_table(variants: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| model | paper # | params (M) | reference source | timm-native | isotropic | exportable |",
+        "|---|---:|---:|---|---|---|---|",
+    ]
+    for name in sorted(variants):
+        spec = variants[name]
+        params = f"{spec.ref_params_m:g}" if spec.ref_params_m is not None else _DASH
+        reason = f" ({_cell(spec.export_reason)})" if spec.export_reason else ""
+        exportable = "yes" if spec.exportable else f"no{reason}"
+        lines.append(
+            f"| `{name}` | {spec.paper.number} | {params} | {_cell(spec.ref_source)} | "
+            f"{_yes_no(spec.timm_native)} | {_yes_no(spec.isotropic)} | {exportable} |"
+        )
+    return lines
+
+
+def render(status_path: str | Path = STATUS_PATH, variants: Mapping[str, Any] | None = None) -> str:
+    """The full text of ``docs/models.md`` (deterministic: same inputs, same bytes)."""
+    status = load_status(status_path)
+    variants = registry_variants() if variants is None else variants
+    grouped = group_models(status, variants)
+    counts = {s: sum(row.status == s for row in status.values()) for s in STATUSES}
+    summary = " · ".join(f"{counts[s]} {s}" for s in STATUSES)
+    lines = [
+        "# vitlab models",
+        "",
+        "<!-- Generated by tools/make_models_doc.py: do not edit by hand. -->",
+        "> **Generated file, do not edit by hand.** Paper status lives in `docs/paper_status.toml`, models in",
+        f"> each family's `VARIANTS` table. After changing either, run `{REGENERATE}`",
+        "> (CI runs it with `--check`).",
+        "",
+        "Every paper vitlab covers (the rows of `PAPERS.md`) and how far it is. Status: **works** (all that",
+        "PAPERS.md lists for the paper runs and is verified), **partial** (some of it), **missing** (nothing",
+        "usable yet). Kinds: **B** backbone, **T** technique, **H** task model or head, **C** component of a",
+        "larger generative or multi-modal system.",
+        "",
+        f"**Summary:** {summary} ({len(status)} papers, {len(variants)} registered models).",
+        "",
+        "## Papers",
+        "",
+        *_paper_table(status, grouped),
+        "",
+        "## Registered models",
+        "",
+        "Reference parameter counts come from each variant's paper table (`ref_params_m`); the parity test",
+        "checks them. Capabilities are what each variant declares and the registry tests rely on.",
+        "",
+        *_model_table(variants),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="do not write; exit 1 if the file is out of date")
+    parser.add_argument("--status", type=Path, default=STATUS_PATH, help="status file (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=DOC_PATH, help="markdown file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        text = render(args.status)
+    except StatusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
+    if args.check:
+        if current == text:
+            return 0
+        print(f"{args.output} is out of date; regenerate it with `{REGENERATE}`.", file=sys.stderr)
+        diff = list(difflib.unified_diff(current.splitlines(), text.splitlines(), "on disk", "generated", lineterm=""))
+        print("\n".join(diff[:60]) + ("\n..." if len(diff) > 60 else ""), file=sys.stderr)
+        return 1
+    if current != text:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8", newline="\n")
+        print(f"wrote {args.output}")
+    else:
+        print(f"{args.output} is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
