@@ -14,7 +14,13 @@ fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv with $($PY --version)"
-  "$PY" -m venv .venv
+  if ! "$PY" -m venv .venv 2>/dev/null; then
+    rm -rf .venv
+    SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+    echo "== installing python3-venv (Debian splits venv out of python3)"
+    $SUDO apt-get install -y -qq python3-venv python3-pip >/dev/null
+    "$PY" -m venv .venv
+  fi
 fi
 echo "== installing vitlab and its dependencies into .venv (PyTorch is large the first time)"
 .venv/bin/python -m pip install -q --upgrade pip
