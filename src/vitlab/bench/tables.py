@@ -86,7 +86,10 @@ def write_tables(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if command is None:
-        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        prog = Path(sys.argv[0]).name
+        # the console script re-executes as `python -m vitlab`, whose argv[0] is vitlab/__main__.py
+        prog = "vitlab" if prog == "__main__.py" else prog
+        command = shlex.join([prog, *sys.argv[1:]])
     csv_path, md_path = prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".md")
     stamp = {"date": date, **{k: machine.get(k) for k in MACHINE_COLUMNS if k != "date"}}
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
