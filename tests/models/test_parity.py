@@ -13,7 +13,9 @@ WITH_GMACS = [name for name in REFERENCE if vitlab.get_variant(name).ref_gmacs i
 def test_params_match_paper(name):
     spec = vitlab.get_variant(name)
     params_m = count_params_meta(name) / 1e6
-    assert params_m == pytest.approx(spec.ref_params_m, rel=0.01), f"{name}: {params_m:.2f}M vs {spec.ref_source}"
+    # 1%, or the rounding of the paper's table where that is coarser (Swin-T: "28M" for 28.29M)
+    tolerance = max(0.01 * spec.ref_params_m, spec.ref_params_rounding / 2)
+    assert params_m == pytest.approx(spec.ref_params_m, abs=tolerance), f"{name}: {params_m:.2f}M vs {spec.ref_source}"
 
 
 @pytest.mark.parametrize("name", WITH_GMACS)

@@ -40,7 +40,10 @@ def test_pretrained_cfg_names_paper(name):
     spec = get_variant(name)
     cfg = _build(name).pretrained_cfg
     assert cfg["input_size"][1:] == (spec.img_size, spec.img_size) or spec.timm_native
-    assert spec.paper.arxiv in (cfg.get("paper_ids") or "") or spec.timm_native
+    assert cfg["paper_ids"] == f"arXiv:{spec.paper.arxiv}"
+    assert cfg["paper_name"] == spec.paper.title
+    assert cfg["origin_url"] == spec.paper.code
+    assert len(cfg["mean"]) == len(cfg["std"]) == cfg["input_size"][0]
     assert spec.paper.code.startswith("https://github.com/")
 
 
@@ -73,14 +76,28 @@ def test_features_head_and_reset(name):
 def test_other_resolution_and_one_channel(name):
     size = _size(name)
     other = int(size * 1.5) // 8 * 8
-    model = _build(name)
+    # a dynamic-size model runs as built; a fixed-size one (declared) is built for the other size
+    model = _build(name) if get_variant(name).dynamic_size else _build(name, img_size=other)
     with torch.no_grad():
-        assert model(_input(name, size=other)).shape == (2, NUM_CLASSES)
+        out = model(_input(name, size=other))
+    assert out.shape == (2, NUM_CLASSES)
+    assert torch.isfinite(out).all()
     gray = _build(name, in_chans=1)
     with torch.no_grad():
         out = gray(_input(name, in_chans=1))
     assert out.shape == (2, NUM_CLASSES)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not get_variant(n).img_size_arg])
+def test_img_size_dropped_only_where_declared(name):
+    # the declaration is honest: timm's own entrypoint refuses img_size, vitlab's factory drops it
+    kwargs = {k: v for k, v in get_variant(name).test_kwargs.items() if k != "img_size"}
+    with pytest.raises(TypeError, match="img_size"):
+        timm.create_model(name, img_size=64, num_classes=NUM_CLASSES, **kwargs)
+    model = vitlab.create_model(name, img_size=64, num_classes=NUM_CLASSES, **kwargs).eval()
+    with torch.no_grad():
+        assert model(_input(name, size=64)).shape == (2, NUM_CLASSES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -94,7 +111,14 @@ def test_state_dict_round_trip_and_determinism(name):
         assert torch.equal(ya, b(x))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if not get_variant(n).grad_checkpointing])
+def test_grad_checkpointing_declared_unsupported_refuses(name):
+    model = _build(name).train()
+    with pytest.raises((AssertionError, NotImplementedError)):
+        model.set_grad_checkpointing(True)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if get_variant(n).grad_checkpointing])
 def test_grad_checkpointing_same_output(name):
     model = _build(name).train()
     x = _input(name)

@@ -44,14 +44,20 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
 
     For timm models that vitlab reaches, the variant's defaults (e.g. ``dynamic_img_size=True``)
     apply unless overridden. Keywords are timm's: ``num_classes``, ``in_chans``, ``img_size``, ...
+    ``img_size`` is accepted for every model; size-agnostic ones whose constructor has no such
+    argument (``spec.img_size_arg`` False) run at any size and ignore it.
     """
     spec = get_variant(name)
     if spec.timm_native:
-        kwargs = {**spec.kwargs, **kwargs}
+        # timm's own cfgs leave the paper fields empty; vitlab fills them in
+        overlay = {**spec.paper_cfg(), **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
+        kwargs = {**spec.kwargs, **kwargs, "pretrained_cfg_overlay": overlay}
     for key in ("num_classes", "in_chans", "img_size"):
         value = kwargs.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             if key == "num_classes" and value == 0:
                 continue
             raise ValueError(f"{key} must be a positive integer, got {value!r} for model {name!r}")
+    if not spec.img_size_arg:
+        kwargs.pop("img_size", None)  # size-agnostic model without the argument: nothing is built for a size
     return timm.create_model(name, pretrained=pretrained, **kwargs)

@@ -41,10 +41,20 @@ class VariantSpec:
         kwargs: arguments the builder receives (user keywords override them).
         ref_params_m: parameter count (millions) in the paper's table, checked within 1%.
         ref_gmacs: multiply-accumulates (G) in the paper's table (papers call these FLOPs), within 5%.
+        ref_params_rounding: the step the paper rounds its parameter counts to (1.0 for "28M"); the parity
+            test then accepts a difference up to half of it where that exceeds 1%.
         ref_source: where the reference figures come from ("Table 1", "reconstructed: ...").
         test_kwargs: a tiny configuration that the registry-wide contract tests build.
         isotropic: one token grid through all blocks (token reduction can be applied).
+        dynamic_size: a built model runs on inputs of other sizes (position encodings resample or there
+            are none). False: the size is fixed when the model is built (``img_size=``) and other inputs
+            are refused or resized to it; build the model for the size you need.
+        img_size_arg: the entrypoint takes ``img_size``. False for size-agnostic timm models without one
+            (TinyViT): ``create_model`` checks and then drops it, since nothing is built for a size.
+        grad_checkpointing: ``set_grad_checkpointing(True)`` is supported (if not, it raises).
         exportable: ``torch.export`` / ONNX work; if not, ``export_reason`` says why.
+        hf_hub_id: Hugging Face Hub repository of the official weights, loaded through the family's
+            ``checkpoint_filter_fn`` (empty: no hub weights).
     """
 
     paper: Paper
@@ -56,18 +66,29 @@ class VariantSpec:
     std: tuple[float, ...] = IMAGENET_STD
     ref_params_m: float | None = None
     ref_gmacs: float | None = None
+    ref_params_rounding: float = 0.0
     ref_source: str = ""
     test_kwargs: dict[str, Any] = field(default_factory=dict)
     isotropic: bool = False
+    dynamic_size: bool = True
+    img_size_arg: bool = True
+    grad_checkpointing: bool = True
     exportable: bool = True
     export_reason: str = ""
     timm_native: bool = False
     description: str = ""
     first_conv: str = "patch_embed.proj"
     classifier: str | tuple[str, ...] = "head"
+    hf_hub_id: str = ""
+
+    def paper_cfg(self) -> dict[str, Any]:
+        """The paper fields of timm's ``PretrainedCfg`` (title, arXiv id, official code)."""
+        return dict(paper_name=self.paper.title, paper_ids=f"arXiv:{self.paper.arxiv}", origin_url=self.paper.code)
 
     def pretrained_cfg(self) -> dict[str, Any]:
+        hub = {"hf_hub_id": self.hf_hub_id} if self.hf_hub_id else {}
         return {
+            **hub,
             "input_size": (self.in_chans, self.img_size, self.img_size),
             "mean": self.mean,
             "std": self.std,

@@ -1,11 +1,14 @@
 """TinyViT: "TinyViT: Fast Pretraining Distillation for Small Vision Transformers" (arXiv:2207.10666),
-github.com/wkcn/TinyViT (PAPERS.md row 4).
+github.com/microsoft/Cream/tree/main/TinyViT (PAPERS.md row 4).
 
-timm's ``TinyVit`` is faithful to the official code and is reused as is. This file adds a
+timm's ``TinyVit`` is faithful to the official code and is reused as is: the paper's ImageNet
+variants (5M/11M/21M at 224, 21M at 384/512) are reached, not copied. This file adds a
 small-image variant for 28-32 px inputs, vitlab's quickstart default: the MBConv stem and
 stage give convolutional inductive bias (fast convergence on small data), windowed attention
 follows. Its size is vitlab's choice (three stages, no paper table). TinyVit takes any input
-size (no position embeddings), so ``img_size`` is accepted and ignored.
+size (no position embeddings; attention biases are per window and the grid is padded to whole
+windows), so ``img_size`` is accepted and ignored. Missing here: the fast pretraining distillation
+with stored sparse teacher logits.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ from typing import Any
 from timm.models import build_model_with_cfg
 from timm.models.tiny_vit import TinyVit, checkpoint_filter_fn
 
-from ._variants import Paper, VariantSpec, register_variants
+from ._variants import Paper, VariantSpec, reach_timm_models, register_variants
 
 TINY_VIT = Paper(
     4,
     "TinyViT: Fast Pretraining Distillation for Small Vision Transformers",
     "2207.10666",
-    "https://github.com/wkcn/TinyViT",
+    "https://github.com/microsoft/Cream/tree/main/TinyViT",
     kind="BT",
 )
 
@@ -37,6 +40,62 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> TinyVit:
         **kwargs,
     )
 
+
+# The TinyViT paper's ImageNet-1k table (and the official model zoo): params and FLOPs (multiply-accumulates). timm's
+# default weights for the 224 variants are the 21,841-class ImageNet-22k ones; the table is for the 1000-class head.
+_TIMM_TINY = {
+    "embed_dims": (16, 32, 48, 64),
+    "depths": (1, 1, 1, 1),
+    "num_heads": (1, 2, 3, 4),
+    "window_sizes": (4, 4, 4, 4),
+    "img_size": 32,
+}
+_timm = {
+    "kwargs": {"num_classes": 1000},
+    "test_kwargs": _TIMM_TINY,
+    "img_size_arg": False,
+    "first_conv": "patch_embed.conv1.conv",
+    "classifier": "head.fc",
+}
+TIMM_VARIANTS = {
+    "tiny_vit_5m_224": VariantSpec(
+        TINY_VIT, ref_params_m=5.4, ref_gmacs=1.3, ref_source="TinyViT IN-1k table (TinyViT-5M)", **_timm
+    ),
+    "tiny_vit_11m_224": VariantSpec(
+        TINY_VIT,
+        ref_params_m=11.0,
+        ref_gmacs=2.0,
+        ref_params_rounding=1.0,
+        ref_source="TinyViT IN-1k table (TinyViT-11M)",
+        **_timm,
+    ),
+    "tiny_vit_21m_224": VariantSpec(
+        TINY_VIT,
+        ref_params_m=21.0,
+        ref_gmacs=4.3,
+        ref_params_rounding=1.0,
+        ref_source="TinyViT IN-1k table (TinyViT-21M)",
+        **_timm,
+    ),
+    "tiny_vit_21m_384": VariantSpec(
+        TINY_VIT,
+        img_size=384,
+        ref_params_m=21.0,
+        ref_gmacs=13.8,
+        ref_params_rounding=1.0,
+        ref_source="TinyViT IN-1k table (TinyViT-21M↑384)",
+        **_timm,
+    ),
+    "tiny_vit_21m_512": VariantSpec(
+        TINY_VIT,
+        img_size=512,
+        ref_params_m=21.0,
+        ref_gmacs=27.0,
+        ref_params_rounding=1.0,
+        ref_source="TinyViT IN-1k table (TinyViT-21M↑512)",
+        **_timm,
+    ),
+}
 
 VARIANTS = {
     "tiny_vit_1m_28": VariantSpec(
@@ -63,4 +122,5 @@ VARIANTS = {
     ),
 }
 
+reach_timm_models(TIMM_VARIANTS)
 register_variants(_create, VARIANTS, module=__name__)
