@@ -1,13 +1,14 @@
-"""Training, evaluation and inference loops, checkpoints and run directories."""
+"""Training (DeiT distillation, torchrun), evaluation and inference loops, checkpoints and run directories."""
 
 from .checkpoint import load_weights, read_metadata, save_weights
-from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, load_config
+from .config import DataConfig, DistillConfig, ModelConfig, OptimConfig, RunConfig, load_config
 from .evaluate import EvalResult, evaluate_model
 from .inference import Prediction, evaluate_run, load_trained, predict
 from .train import train
 
 __all__ = [
     "DataConfig",
+    "DistillConfig",
     "EvalResult",
     "ModelConfig",
     "OptimConfig",

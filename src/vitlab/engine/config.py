@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "config_from_dict", "config_to_dict"]
+__all__ = [
+    "DataConfig",
+    "DistillConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "config_from_dict",
+    "config_to_dict",
+]
 
 
 @dataclass
@@ -49,10 +57,21 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """DeiT distillation (arXiv:2012.12877): a frozen teacher supervises the student's distillation head."""
+
+    teacher: str = ""  # run directory, .safetensors checkpoint, or vitlab/timm model name; "" trains without one
+    distill: str = "hard"  # with --teacher: "hard" (CE to the teacher's argmax) or "soft" (KL at temperature tau)
+    distill_alpha: float = 0.5  # loss = (1 - alpha) * CE(labels) + alpha * distillation loss
+    distill_tau: float = 1.0  # soft distillation temperature
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distillation: DistillConfig = field(default_factory=DistillConfig)
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: bool = False  # bf16 autocast on CUDA
     channels_last: bool = False
@@ -72,6 +91,9 @@ class RunConfig:
             ("ema_decay", self.optim.ema_decay, 0 <= self.optim.ema_decay < 1, "in [0, 1)"),
             ("img_size", self.model.img_size, self.model.img_size is None or self.model.img_size >= 8, ">= 8"),
             ("in_chans", self.model.in_chans, self.model.in_chans in (None, 1, 3), "1 or 3"),
+            ("distill", self.distillation.distill, self.distillation.distill in ("hard", "soft"), "hard or soft"),
+            ("distill_alpha", self.distillation.distill_alpha, 0 <= self.distillation.distill_alpha <= 1, "in [0, 1]"),
+            ("distill_tau", self.distillation.distill_tau, self.distillation.distill_tau > 0, "a number > 0"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
@@ -84,7 +106,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def config_from_dict(d: dict[str, Any]) -> RunConfig:
     """Inverse of ``config_to_dict``; unknown keys are errors naming the key."""
-    groups = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
+    groups = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "distillation": DistillConfig}
     top = {f.name for f in dataclasses.fields(RunConfig)}
     kwargs: dict[str, Any] = {}
     for key, value in d.items():

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import BatchLoader
+from .distributed import DistEnv, all_sum
 
 __all__ = ["EvalResult", "evaluate_model"]
 
@@ -30,17 +31,32 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate_model(
-    model: nn.Module, loader: BatchLoader, device: torch.device, classes: list[str], amp: bool = False
+    model: nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    classes: list[str],
+    amp: bool = False,
+    dist_env: DistEnv | None = None,
 ) -> EvalResult:
-    """Score ``model`` on every batch of ``loader`` (its epoch-0 order)."""
+    """Score ``model`` on every batch of ``loader`` (its epoch-0 order).
+
+    With ``dist_env`` of several processes, each rank scores its shard of every batch and the counts are summed
+    over ranks, so every rank returns the result one process would.
+    """
     was_training = model.training
     model.eval()
     k = min(5, len(classes))
     n = len(classes)
+    sharded = dist_env is not None and dist_env.enabled
     confusion = torch.zeros(n, n, dtype=torch.long)
     correct1 = correct5 = 0
     loss_sum, count = 0.0, 0
     for x, y in loader.iter_epoch(0):
+        if sharded:
+            world, rank = dist_env.world_size, dist_env.rank
+            x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+            if y.numel() == 0:
+                continue
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x).float()
@@ -51,6 +67,12 @@ def evaluate_model(
         confusion += torch.bincount(y.cpu() * n + topk[:, 0].cpu(), minlength=n * n).view(n, n)
         count += y.numel()
     model.train(was_training)
+    if sharded:
+        # float64 sums integers exactly up to 2**53
+        totals_vec = torch.tensor([loss_sum, correct1, correct5, count], dtype=torch.float64, device=device)
+        totals_vec = all_sum(dist_env, torch.cat([totals_vec, confusion.flatten().to(device, torch.float64)]))
+        loss_sum, correct1, correct5, count = totals_vec[0].item(), *(int(v) for v in totals_vec[1:4].tolist())
+        confusion = totals_vec[4:].round().long().cpu().view(n, n)
     if count == 0:
         raise ValueError("evaluation data set is empty")
     totals = confusion.sum(1).clamp(min=1)

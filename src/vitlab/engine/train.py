@@ -1,5 +1,6 @@
 """``vitlab train``: AdamW + warmup/cosine, label smoothing, optional mixup/cutmix and EMA, AMP and
-channels-last on CUDA, JSON-lines metrics, atomic checkpoints and exact resume.
+channels-last on CUDA, JSON-lines metrics, atomic checkpoints and exact resume; DeiT distillation
+(``distill.py``) and multi-process training under torchrun (``distributed.py``) hook in here.
 
 Exact resume: batch order and augmentation depend only on (seed, epoch, batch index) (see
 ``data.BatchLoader``), and the global RNG states (dropout, drop-path, mixup) are saved with each
@@ -30,6 +31,17 @@ from .. import __version__
 from ..errors import CheckpointError, TrainingDivergedError
 from .checkpoint import atomic_write, load_state, load_weights, save_state, save_weights
 from .config import RunConfig, config_to_dict, load_config
+from .distill import build_distiller
+from .distributed import (
+    DistEnv,
+    all_sum,
+    broadcast_from_main,
+    seed_rank,
+    setup_distributed,
+    shard_batch,
+    teardown_distributed,
+    wrap_model,
+)
 from .evaluate import evaluate_model
 from .inference import evaluate_run
 from .plots import plot_curves
@@ -64,12 +76,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _run_dir(cfg: RunConfig) -> Path:
+def _new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.name or f"{cfg.model.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = Path(cfg.out) / name
     if (run / "config.json").exists():
         raise CheckpointError(f"run directory {str(run)!r} already holds a run; use --resume {run} or another --name")
     run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     return run
 
 
@@ -83,7 +96,14 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
         cfg.stop_after_steps = 0  # the early stop belonged to the interrupted invocation
     cfg = cfg or RunConfig()
     cfg.validate()
-    device = resolve_device(cfg.device)
+    env, device = setup_distributed(resolve_device(cfg.device), cfg.data.batch_size)
+    try:
+        return _train(cfg, resume, env, device)
+    finally:
+        teardown_distributed(env)
+
+
+def _train(cfg: RunConfig, resume: str | Path | None, env: DistEnv, device: torch.device) -> Path:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -115,6 +135,16 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
         else None
     )
     soft_loss = SoftTargetCrossEntropy()
+    distiller = build_distiller(
+        cfg.distillation,
+        model,
+        len(classes),
+        in_chans,
+        model_img_size(cfg),
+        train_loader.mean,
+        train_loader.std,
+        device,
+    )
 
     meta = {
         "model": cfg.model.model,
@@ -130,14 +160,28 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
     if resume is not None:
         run = Path(resume)
         prog = _restore(run, model, optimizer, scheduler, ema)
-        _truncate_metrics(run / "metrics.jsonl", prog.step)
+        if env.is_main:
+            _truncate_metrics(run / "metrics.jsonl", prog.step)
     else:
-        run = _run_dir(cfg)
-        (run / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        run = broadcast_from_main(env, lambda: _new_run_dir(cfg))
+    seed_rank(env, cfg.seed, prog.step)
+    net = wrap_model(model, env, device)  # DDP when several processes train; `model` stays the plain module
     ckpt = run / "checkpoints"
-    metrics = open(run / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the whole run)
+    # only rank 0 writes files and prints
+    metrics = open(run / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115 (kept open for the run)
+
+    def log(rec: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+
+    def say(text: str) -> None:
+        if env.is_main:
+            bar.write(text)
 
     def save(stem: str) -> None:
+        if not env.is_main:
+            return
         save_weights(model, ckpt / f"{stem}.safetensors", {**meta, "step": prog.step})
         state = {
             "optimizer": optimizer.state_dict(),
@@ -151,36 +195,61 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
         save_state(ckpt / f"{stem}.state.pt", state)
 
     use_amp = cfg.amp and device.type == "cuda"
-    model.train()
+    net.train()
     t_start = time.perf_counter()
     eval_seconds = 0.0
     t_last, seen = time.perf_counter(), 0
     epoch = prog.step // steps_per_epoch
-    bar = tqdm(total=total_steps, initial=prog.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=total_steps,
+        initial=prog.step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not env.is_main,
+    )
     try:
         while prog.step < total_steps:
             for x, y in train_loader.iter_epoch(epoch, start_batch=prog.step % steps_per_epoch):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cfg.channels_last and device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
+                n_global, scale = x.shape[0], 1.0
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    target = y
                     if mixup is not None:
-                        x, y_soft = mixup(x, y)
-                        logits = model(x)
-                        loss = soft_loss(logits, y_soft)
+                        x, target = mixup(x, y)  # on the global batch, so every process count mixes alike
+                    if env.enabled:
+                        (x, y, target), scale = shard_batch(env, x, y, target)
+                    out = net(x)
+                    # a distilled DeiT in distillation training returns (class logits, distillation logits)
+                    logits = out[0] if isinstance(out, tuple) else out
+                    if mixup is not None:
+                        loss = soft_loss(logits, target)
                     else:
-                        logits = model(x)
-                        loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
-                if not torch.isfinite(loss):
+                        loss = F.cross_entropy(logits, target, label_smoothing=o.label_smoothing)
+                    if distiller is not None:
+                        loss = distiller(x, out, loss)
+                if isinstance(out, tuple):
+                    logits = (out[0] + out[1]) / 2  # what evaluation scores
+                if env.enabled:
+                    # the global-batch mean loss and accuracy; a NaN on any rank stops every rank
+                    correct = (logits.argmax(-1) == y).sum()
+                    totals = all_sum(env, torch.stack([loss.detach().float() * y.numel(), correct.float()]))
+                    loss_value, acc_value = totals[0] / n_global, totals[1] / n_global
+                else:
+                    loss_value, acc_value = loss, None
+                if not torch.isfinite(loss_value):
                     last = ckpt / "last.safetensors"
                     kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-                    metrics.write(json.dumps({"step": prog.step, "event": "diverged", "loss": loss.item()}) + "\n")
+                    log({"step": prog.step, "event": "diverged", "loss": loss_value.item()})
                     raise TrainingDivergedError(
-                        f"loss became {loss.item()} at step {prog.step} (epoch {epoch}); stopping, {kept}. "
+                        f"loss became {loss_value.item()} at step {prog.step} (epoch {epoch}); stopping, {kept}. "
                         "Try a lower --lr, a longer --warmup-epochs or --clip-grad 1.0."
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * scale if scale != 1.0 else loss).backward()
                 if o.clip_grad > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
                 optimizer.step()
@@ -188,20 +257,20 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
                 scheduler.step_update(prog.step)
                 if ema is not None:
                     ema.update(model, step=prog.step)
-                seen += x.shape[0]
+                seen += n_global
                 bar.update(1)
                 if prog.step % cfg.log_every == 0 or prog.step == total_steps:
                     now = time.perf_counter()
+                    acc = (logits.argmax(-1) == y).float().mean() if acc_value is None else acc_value
                     rec = {
                         "step": prog.step,
                         "epoch": epoch,
-                        "loss": loss.item(),
-                        "acc": round((logits.argmax(-1) == y).float().mean().item(), 4),
+                        "loss": loss_value.item(),
+                        "acc": round(acc.item(), 4),
                         "lr": optimizer.param_groups[0]["lr"],
                         "img_per_s": round(seen / (now - t_last), 1),
                     }
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
+                    log(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{rec['img_per_s']:.0f}")
                     t_last, seen = now, 0
                 stop = cfg.stop_after_steps and prog.step >= cfg.stop_after_steps
@@ -210,27 +279,30 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
                 if stop or prog.step >= total_steps:
                     break
             if cfg.stop_after_steps and prog.step >= cfg.stop_after_steps and prog.step < total_steps:
-                bar.write(f"stopped after {prog.step} steps (--stop-after-steps); resume with --resume {run}")
+                say(f"stopped after {prog.step} steps (--stop-after-steps); resume with --resume {run}")
                 break
             epoch += 1
             scored = ema.module if ema is not None else model
             t_eval = time.perf_counter()
-            res = evaluate_model(scored, test_loader, device, classes, amp=use_amp)
+            res = evaluate_model(scored, test_loader, device, classes, amp=use_amp, dist_env=env)
             eval_seconds += time.perf_counter() - t_eval
             rec = {"epoch": epoch, "step": prog.step, "test_top1": res.top1, "test_top5": res.top5}
             rec["test_loss"] = res.loss
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-            bar.write(f"epoch {epoch}: test top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  loss {res.loss:.4f}")
+            log(rec)
+            say(f"epoch {epoch}: test top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  loss {res.loss:.4f}")
             save("last")
             if res.top1 > prog.best_top1:
                 prog.best_top1 = res.top1
-                save_weights(scored, ckpt / "best.safetensors", {**meta, "step": prog.step, "top1": res.top1})
-            model.train()
+                if env.is_main:
+                    save_weights(scored, ckpt / "best.safetensors", {**meta, "step": prog.step, "top1": res.top1})
+            net.train()
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     wall = time.perf_counter() - t_start
+    if not env.is_main:
+        return run
     plot_curves(run / "metrics.jsonl", run / "curves.png")
     if prog.step >= total_steps:
         res = evaluate_run(run, device=str(device))
@@ -238,6 +310,7 @@ def train(cfg: RunConfig | None = None, resume: str | Path | None = None) -> Pat
             "model": cfg.model.model,
             "run_dir": str(run),
             "device": str(device),
+            "processes": env.world_size,
             "steps": prog.step,
             "epochs": o.epochs,
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
