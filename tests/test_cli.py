@@ -115,3 +115,18 @@ def test_bench_writes_tables(tmp_path, capsys):
     assert run(args) == 0
     assert "vit_nano_patch4_28" in (tmp_path / "b.md").read_text()
     assert (tmp_path / "b.csv").read_text().count("\n") >= 2
+
+
+def test_unknown_teacher_is_named_before_a_run_starts(tmp_path, capsys):
+    args = [*TINY_TRAIN, "--out", str(tmp_path), "--teacher", "no_such_teacher", "--distill", "soft"]
+    assert run([*args, "--distill-alpha", "0.3", "--distill-tau", "2"]) == 2
+    assert "--teacher 'no_such_teacher'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_reduce_reports_tokens_and_flops(run_dir, capsys):
+    assert run(["reduce", "vit_nano_patch4_28", "--method", "tome", "--r", "4", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens after block" in out
+    assert "GFLOPs" in out
+    assert run(["reduce", "tiny_vit_1m_28", "--method", "tome", "--r", "4"]) == 2  # not an isotropic ViT

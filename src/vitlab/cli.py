@@ -1,4 +1,4 @@
-"""``vitlab list | info | train | eval | predict | bench``: parse arguments, call library functions.
+"""``vitlab list | info | train | eval | predict | bench | reduce``: parse arguments, call library functions.
 
 The console entry point re-executes itself once with glibc's allocator tuned (DESIGN.md: large
 batch temporaries otherwise pay page faults on every forward), unless the user set it already.
@@ -109,6 +109,7 @@ def _paper_status(number: int) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import RunConfig, load_config, train
+    from .engine.distributed import is_main_process
 
     if args.resume:
         run = train(resume=args.resume)
@@ -116,6 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config) if args.config else RunConfig()
         _apply_args(cfg, args)
         run = train(cfg)
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 reports
     summary = run / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
@@ -172,7 +175,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .engine import RunConfig
+    from .engine import RunConfig, load_trained
+    from .reduce.cli import add_reduce_parser
 
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers from the literature, runnable.")
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
@@ -222,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["timm"], help="also time timm's implementation in the same run")
     p.add_argument("--out", help="path prefix for the CSV and markdown tables (default runs/bench/bench)")
     p.set_defaults(fn=cmd_bench)
+    add_reduce_parser(sub, load_trained=load_trained)
     return parser
 
 

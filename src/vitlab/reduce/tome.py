@@ -1,0 +1,70 @@
+"""ToMe: bipartite soft matching of tokens on their mean keys, with proportional attention.
+
+"Token Merging: Your ViT But Faster", Bolya et al., arXiv:2210.09461, github.com/facebookresearch/ToMe.
+Each reducing block splits the patch tokens alternately into sets A and B, links every A token to
+its most similar B token (cosine of the keys averaged over heads), and merges the ``r`` most similar
+A tokens into their partners by a size-weighted average (Sec. 3). Later blocks add ``log(size)`` to
+the attention logits (proportional attention).
+Deviation: prefix tokens (class, distillation, register) are left out of the matching altogether
+instead of being protected with ``-inf`` scores, so the A/B alternation starts at the first patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._runtime import Method, Plan, Signals, TokenState, prefix_plan
+
+__all__ = ["METHOD", "bipartite_soft_matching", "schedule"]
+
+
+def schedule(depth: int, r: int | Sequence[int] = 0, inflect: float = 0.0) -> list[float]:
+    """Tokens merged per block: a constant ``r``, ToMe's ``(r, inflect)`` trend, or an explicit list.
+
+    ``inflect=-1`` is the paper's decreasing schedule (2r at the first block down to 0), ``+1`` increasing.
+    """
+    if not isinstance(r, int):
+        r = [int(v) for v in r]
+        if len(r) > depth or min(r, default=0) < 0:
+            raise ValueError(f"ToMe r schedule needs at most {depth} non-negative entries, got {r}")
+        return [*r, *[0] * (depth - len(r))]
+    if r < 0 or not -1.0 <= inflect <= 1.0:
+        raise ValueError(f"ToMe needs r >= 0 and -1 <= inflect <= 1, got r={r}, inflect={inflect}")
+    lo = int(r * (1.0 - inflect))
+    step = (2 * r - 2 * lo) / max(depth - 1, 1)
+    return [int(lo + step * i) for i in range(depth)]
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, int]:
+    """Output slot of each of ``t`` tokens after merging ``r`` of them; metric (B, t, C).
+
+    Output order is ToMe's: unmerged A tokens (most similar first), then all B tokens.
+    Returns ``(dest (B, t), t - r)``.
+    """
+    B, t, _ = metric.shape
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)  # (B, ta, tb) cosine similarities
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)  # (B, ta)
+    ta, tb = a.shape[1], b.shape[1]
+    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    dst_idx = node_idx.gather(1, src_idx)
+    ar = torch.arange(ta - r, device=metric.device).expand(B, ta - r)
+    dest_a = torch.empty_like(edge_idx).scatter_(1, unm_idx, ar).scatter_(1, src_idx, dst_idx + (ta - r))
+    dest_b = torch.arange(ta - r, ta - r + tb, device=metric.device).expand(B, tb)
+    dest = torch.empty(B, t, dtype=torch.long, device=metric.device)
+    dest[:, ::2], dest[:, 1::2] = dest_a, dest_b
+    return dest, t - r
+
+
+def plan(signals: Signals, state: TokenState, r: float, num_prefix: int) -> Plan:
+    keys = signals.keys[:, num_prefix:]
+    r = min(int(r), keys.shape[1] // 2)  # ToMe merges at most half the tokens per block
+    dest, num_out = bipartite_soft_matching(keys, r)
+    return prefix_plan(dest, num_out, num_prefix, state.size, normalize=True)
+
+
+METHOD = Method("tome", schedule, plan, needs=frozenset({"keys"}), prop_attn=True)
