@@ -248,8 +248,9 @@ def _paper_table(status: Mapping[int, PaperStatus], grouped: Mapping[int, Sequen
 
 def _model_table(variants: Mapping[str, Any]) -> list[str]:
     lines = [
-        "| model | paper # | params (M) | reference source | timm-native | isotropic | exportable |",
-        "|---|---:|---:|---|---|---|---|",
+        "| model | paper # | params (M) | reference source | timm-native | isotropic | any input size "
+        "| grad checkpointing | exportable |",
+        "|---|---:|---:|---|---|---|---|---|---|",
     ]
     for name in sorted(variants):
         spec = variants[name]
@@ -258,7 +259,8 @@ def _model_table(variants: Mapping[str, Any]) -> list[str]:
         exportable = "yes" if spec.exportable else f"no{reason}"
         lines.append(
             f"| `{name}` | {spec.paper.number} | {params} | {_cell(spec.ref_source)} | "
-            f"{_yes_no(spec.timm_native)} | {_yes_no(spec.isotropic)} | {exportable} |"
+            f"{_yes_no(spec.timm_native)} | {_yes_no(spec.isotropic)} | {_yes_no(spec.dynamic_size)} | "
+            f"{_yes_no(spec.grad_checkpointing)} | {exportable} |"
         )
     return lines
 
