@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import create_model
@@ -87,6 +86,9 @@ def _gflops(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def _img_per_s(model: nn.Module, x: torch.Tensor) -> float:
+    # imported here: torch.utils.benchmark pulls in cpp_extension, which warns about CUDA_HOME at import
+    from torch.utils.benchmark import Timer
+
     with torch.no_grad():
         model(x)  # warm-up
         m = Timer("model(x)", globals={"model": model, "x": x}).blocked_autorange(min_run_time=2.0)
