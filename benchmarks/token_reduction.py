@@ -74,7 +74,9 @@ def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
 def img_per_s(model: torch.nn.Module, x: torch.Tensor, seconds: float) -> float:
     with torch.no_grad():
         model(x)
-        t = Timer("model(x)", globals={"model": model, "x": x}).blocked_autorange(min_run_time=seconds)
+        t = Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads()).blocked_autorange(
+            min_run_time=seconds
+        )
     return len(x) / t.median
 
 

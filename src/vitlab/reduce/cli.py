@@ -91,7 +91,9 @@ def _img_per_s(model: nn.Module, x: torch.Tensor) -> float:
 
     with torch.no_grad():
         model(x)  # warm-up
-        m = Timer("model(x)", globals={"model": model, "x": x}).blocked_autorange(min_run_time=2.0)
+        m = Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads()).blocked_autorange(
+            min_run_time=2.0
+        )
     return len(x) / m.median
 
 
