@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..bench._checks import check_device
 from ..data import BatchLoader, ImageFolderDataset, TensorImageDataset, load_fashion_mnist, make_synthetic
 from ..models import create_model, get_variant
 from .config import RunConfig
@@ -21,12 +22,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device name (expected auto, cpu, cuda or cuda:N)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r} asked for CUDA, but this machine has no CUDA device; use --device cpu")
-    return device
+        return check_device(name)
+    except ValueError as e:
+        raise ValueError(f"--device: {e}; --device auto picks what this machine has") from e
 
 
 def model_img_size(cfg: RunConfig) -> int:
