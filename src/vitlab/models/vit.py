@@ -108,6 +108,13 @@ SMALL_VARIANTS = {
     "vit_nano_patch4_28": _small(
         "ViT for 28-32 px, 128 wide, 6 deep", embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0
     ),
+    "vit_micro_patch4_28": _small(
+        "ViT for 28-32 px, 128 wide, 12 deep (ViT-Ti depth; the token-reduction host)",
+        embed_dim=128,
+        depth=12,
+        num_heads=4,
+        mlp_ratio=2.0,
+    ),
     "vit_tiny_patch4_28": _small("ViT-Ti width for 28-32 px", embed_dim=192, depth=12, num_heads=3),
     "deit_tiny_distilled_patch4_28": _small(
         "DeiT-Ti with distillation token for 28-32 px", distilled=True, embed_dim=192, depth=12, num_heads=3
