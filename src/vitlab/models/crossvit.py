@@ -13,6 +13,10 @@ build with ``img_size=`` for another resolution); gradient checkpointing is not 
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from ._variants import Paper, VariantSpec, reach_timm_models
 
 __all__ = ["CROSSVIT", "VARIANTS"]
@@ -70,9 +74,7 @@ VARIANTS = {
     "crossvit_base_240": _spec(104.7, 21.2, "CrossViT ImageNet1K tables (CrossViT-B)"),
     "crossvit_9_240": _spec(8.6, 1.8, "CrossViT ImageNet1K tables (CrossViT-9)"),
     "crossvit_15_240": _spec(27.4, 5.8, "CrossViT ImageNet1K tables (CrossViT-15)"),
-    # FIXME(#7): CrossViT-18 (43.3M, 9.0G) is not reached: timm 1.0.31's crossvit_18_240 entrypoint passes
-    # its keywords twice, so it refuses every architecture override and the contract tests could only
-    # build the full 43M model. CrossViT-18† is reached.
+    "crossvit_18_240": _spec(43.3, 9.0, "CrossViT ImageNet1K tables (CrossViT-18)"),
     "crossvit_9_dagger_240": _spec(8.8, 2.0, "CrossViT ImageNet1K tables (CrossViT-9†)", dagger=True),
     "crossvit_15_dagger_240": _spec(28.2, 6.1, "CrossViT ImageNet1K tables (CrossViT-15†)", dagger=True),
     "crossvit_18_dagger_240": _spec(44.3, 9.5, "CrossViT ImageNet1K tables (CrossViT-18†)", dagger=True),
@@ -84,4 +86,38 @@ VARIANTS = {
     ),
 }
 
+# CrossViT-18: width 224/448, 7 heads, MLP ratio 3, three multi-scale blocks of (1, 6) transformer blocks.
+_CROSSVIT_18 = dict(
+    img_scale=(1.0, 224 / 240),
+    patch_size=[12, 16],
+    embed_dim=[224, 448],
+    depth=[[1, 6, 0]] * 3,
+    num_heads=[7, 7],
+    mlp_ratio=[3, 3, 1],
+)
+
+
+def _crossvit_18_240(pretrained: bool = False, **kwargs: Any) -> Any:
+    from timm.models.crossvit import _create_crossvit
+
+    return _create_crossvit("crossvit_18_240", pretrained=pretrained, **{**_CROSSVIT_18, **kwargs})
+
+
+def _mend_crossvit_18() -> None:
+    """FIXME(timm<=1.0.31): its ``crossvit_18_240`` entrypoint puts ``kwargs`` into its architecture arguments
+    and passes them again, so any override of those (``embed_dim=`` ...) raises TypeError. Only in that case is
+    the entrypoint (nothing else: names, pretrained cfg, module) swapped for one building the same model."""
+    import timm.models._registry as registry
+
+    broken = registry._model_entrypoints.get("crossvit_18_240")
+    if broken is None:
+        return
+    try:
+        with torch.device("meta"):
+            broken(embed_dim=[16, 32], num_heads=[2, 2], depth=[[1, 1, 0]], num_classes=2)
+    except TypeError:
+        registry._model_entrypoints["crossvit_18_240"] = _crossvit_18_240
+
+
+_mend_crossvit_18()
 reach_timm_models(VARIANTS)
