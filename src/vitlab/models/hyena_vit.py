@@ -11,7 +11,9 @@ token (a Hyena layer needs a pure grid), learned position embedding, LayerNorm e
 Reference figures: the paper's tables were not readable here, so ref_params_m / ref_gmacs are
 reconstructed from the official code's configuration (order 2, filter MLP width 64 with 2 inner layers,
 positional features of width 3 per axis): parameters summed by hand from its layer definitions, MACs
-counted as torch's flop counter counts them (linears, convs, attention and the FFTs by torch's FFT formula).
+counted as torch's flop counter counts them (linears, convs, attention) plus the official real FFTs by
+vitlab's formula (``layers/spectral.py``). Ours count 0.7-2.3% more at batch 1: ``layers/hyena.py`` packs
+two images into one complex FFT, and a single image leaves half of that FFT empty.
 Deviations: average pooling of the tokens (the official code, without a class token, classifies the first
 patch token); positional features of the filters are recomputed per grid (see ``layers/hyena.py``) instead
 of 3 * 14 learned values per layer, so models run at any resolution.
