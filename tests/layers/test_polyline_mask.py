@@ -1,14 +1,18 @@
 """Polyline path masks against a path-walking construction; masked attention against explicit softmax."""
 
+import copy
+
 import pytest
 import torch
 from timm.layers import apply_rot_embed
+from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab.layers import MIXERS
 from vitlab.layers.polyline_mask import (
     AxialPolylinePathAttention,
     PolylinePathAttention,
     _rope_sin_cos,
+    _rotate_pairs,
     polyline_path_mask,
     segment_sum,
 )
@@ -139,3 +143,42 @@ def test_mixers_any_grid_grad_and_errors(cls):
         m(torch.randn(1, 5, 16), (2, 2))
     with pytest.raises(ValueError, match="num_heads"):
         cls(18, num_heads=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rotate_pairs_equals_timm_rope(dtype):
+    # the complex-multiply RoPE (float32/64) equals timm's interleaved rotation, on a strided q/k slice of qkv
+    torch.manual_seed(0)
+    sin, cos = _rope_sin_cos(12, 8, torch.device("cpu"))
+    sin, cos = sin[:, None, None] * torch.tensor([0.5, 1.0])[:, None, None], cos[:, None, None]  # (N, 2, 1, d)
+    qk = torch.randn(2, 12, 3, 4, 8, dtype=dtype)[:, :, :2]  # (B, N, q/k, heads, d) view, as in forward
+    out = _rotate_pairs(qk, sin, cos)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, apply_rot_embed(qk, sin, cos))
+
+
+@pytest.mark.parametrize("cls", [PolylinePathAttention, AxialPolylinePathAttention])
+def test_score_matrices_computed_once_as_official(cls):
+    # attention MACs of the official code: full, q kᵀ once for both paths and one product with v;
+    # criss-cross, q kᵀ once per axis and four products with v (two per polyline)
+    B, C, (H, W) = 2, 16, (3, 5)
+    m = cls(C, num_heads=2).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        m(torch.randn(B, H * W, C), (H, W))
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(n for op, n in counts.items() if op in (torch.ops.aten.bmm, torch.ops.aten.baddbmm))
+    full = cls is PolylinePathAttention
+    macs = 2 * B * (H * W) ** 2 * C if full else 3 * B * C * (H * W * W + W * H * H)
+    assert matmuls == 2 * macs
+
+
+@pytest.mark.parametrize("cls", [PolylinePathAttention, AxialPolylinePathAttention])
+def test_bfloat16_module_close_to_float32(cls):
+    torch.manual_seed(0)
+    m = cls(16, num_heads=2).eval()
+    x = torch.randn(2, 12, 16)
+    with torch.no_grad():
+        ref = m(x, (3, 4))
+        out = copy.deepcopy(m).to(torch.bfloat16)(x.bfloat16(), (3, 4))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

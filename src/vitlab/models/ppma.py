@@ -6,13 +6,13 @@ Manhattan decay replaced by the polyline path mask: a 4-conv stride-4 stem with 
 ``x + cpe(x)`` (3x3 depthwise conv) -> pre-norm masked attention -> pre-norm conv FFN, 3x3 stride-2 conv +
 BatchNorm between stages, and a head ``Linear(C, 1024) -> BatchNorm -> SiLU -> avg pool -> Linear``.
 Stages flagged in ``axial_stages`` use the criss-cross form (the official "chunkwise" stages: 1-2 for
-PPMA-T, 1-3 for S/B), the others full attention; the mask is an additive bias inside
-``layers.attend`` (``layers/polyline_mask.py``). PPMA-T/S/B are the official configs; params and FLOPs come
-from the official README / paper Table 1 (ImageNet-1K, 224 px).
+PPMA-T, 1-3 for S/B), the others full attention; the masks are additive biases before the softmax, with one
+q kᵀ shared by both polylines (per axis in the criss-cross form) as in the official code
+(``layers/polyline_mask.py``). PPMA-T/S/B are the official configs; params and FLOPs come from the
+official README / paper Table 1 (ImageNet-1K, 224 px): counted here 14.34M / 2.70G, 26.97M / 4.90G and
+54.16M / 10.59G against 14M / 2.7G, 27M / 4.9G and 54M / 10.6G.
 
-Deviations: q/k/v in one fused linear; the two path masks are applied by two fused SDPA calls each
-(the official shares q kᵀ between its two softmaxes), so counted attention MACs are slightly higher; no
-official checkpoint key map yet.
+Deviations: q/k/v in one fused linear (same parameters and MACs); no official checkpoint key map yet.
 """
 
 from __future__ import annotations
@@ -185,28 +185,24 @@ _TINY = {
 }
 
 
-def _spec(arch: dict[str, Any], params_m: float, gmacs: float | None, name: str, note: str = "") -> VariantSpec:
+def _spec(arch: dict[str, Any], params_m: float, gmacs: float, name: str) -> VariantSpec:
     return VariantSpec(
         PPMA_PAPER,
         kwargs=arch,
         ref_params_m=params_m,
         ref_gmacs=gmacs,
         ref_params_rounding=1.0,  # the paper gives whole millions
-        ref_source=f"PPMA Table 1 / official README ({name}, ImageNet-1K 224){note}",
+        ref_source=f"PPMA Table 1 / official README ({name}, ImageNet-1K 224)",
         test_kwargs=_TINY,
         first_conv="stem.0",
     )
 
 
 _DIMS = (64, 128, 256, 512)
-# NOTE: PPMA-T counts 2.91 GMACs here vs the paper's 2.7 (+7.9%, over the 5% check): each SDPA call recomputes
-# q kᵀ (full stages: 2 calls for the two path masks; axial stages: 4), which the official code computes once
-# per axis. With the official sharing the count is 2.78 (+2.8%). S and B stay within 5% and carry the check.
-_T_FLOPS = "; GMACs 2.7 not checked: 2.91 counted, q kᵀ recomputed per SDPA call (see the NOTE above VARIANTS)"
 VARIANTS = {
     "ppma_tiny": _spec(
         {"embed_dims": _DIMS, "depths": (2, 2, 8, 2), "num_heads": (4, 4, 8, 16), "mlp_ratios": (3, 3, 3, 3)},
-        14.0, None, "PPMA-T", _T_FLOPS,
+        14.0, 2.7, "PPMA-T",
     ),
     "ppma_small": _spec(
         {"embed_dims": _DIMS, "depths": (3, 4, 18, 4), "num_heads": (4, 4, 8, 16), "mlp_ratios": (4, 4, 3, 3),
