@@ -1,4 +1,5 @@
-"""Selective scan (S6): the vectorised scan against the step-by-step reference, FLOP counting, the MS2D mixer."""
+"""Selective scan (S6): the chunked linear recurrence and the vectorised scan against step-by-step references,
+FLOP counting, the MS2D mixer's inference and autograd paths against its routes written out."""
 
 import pytest
 import torch
@@ -12,7 +13,45 @@ from vitlab.layers import (
     selective_scan_macs,
     selective_scan_ref,
 )
+from vitlab.layers.linear_recurrence import chunked_recurrence, linear_recurrence
 from vitlab.layers.selective_scan import selective_scan_torch
+
+
+def _loop_recurrence(a, b):
+    h, hs = torch.zeros_like(b[0]), []
+    for t in range(a.shape[0]):
+        h = a[t] * h + b[t]
+        hs.append(h)
+    return torch.stack(hs)
+
+
+@pytest.mark.parametrize(
+    ("length", "chunk_size"),
+    [(1, None), (32, None), (33, None), (1100, None), (37, 4), (150, 4), (64, 8)],  # 1100, 150: carries recurse
+)
+def test_linear_recurrence_equals_loop(length, chunk_size):
+    a, b = torch.rand(length, 2, 3, dtype=torch.float64), torch.randn(length, 2, 3, dtype=torch.float64)
+    expected = _loop_recurrence(a, b)
+    with torch.no_grad():  # in place on its inputs (copies here)
+        torch.testing.assert_close(linear_recurrence(a.clone(), b.clone(), chunk_size), expected, rtol=1e-12, atol=0)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    out = linear_recurrence(a, b, chunk_size)  # autograd records: on copies, backward by the reversed scan
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
+    grad = lambda h: torch.autograd.grad(h.square().sum(), (a, b), allow_unused=True, materialize_grads=True)  # noqa: E731
+    for g, g_ref in zip(grad(out), grad(_loop_recurrence(a, b)), strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_recurrence_runs_chunks_in_order_and_checks_shapes():
+    a, b = torch.rand(5, 4, 3, dtype=torch.float64), torch.randn(5, 4, 3, dtype=torch.float64)  # 4 chunks of 5
+    expected = _loop_recurrence(a.transpose(0, 1).flatten(0, 1), b.transpose(0, 1).flatten(0, 1))
+    out = chunked_recurrence(a.clone(), b.clone()).transpose(0, 1).flatten(0, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="a and b"):
+        chunked_recurrence(a, b[:, :2])
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_recurrence(a, b, chunk_size=1)
 
 
 def _inputs(batch=2, dim=6, length=37, d_state=3, groups=None, dtype=torch.float64, requires_grad=False):
@@ -36,6 +75,8 @@ def _inputs(batch=2, dim=6, length=37, d_state=3, groups=None, dtype=torch.float
         (37, None, 4, True),  # two levels of chunk carries, padded last chunk
         (5, None, 16, False),  # shorter than one chunk, no D / z / delta_bias
         (64, 2, 8, True),  # grouped B and C, exact multiple of the chunk
+        (150, 2, 4, True),  # 38 chunks: the chunk carries are chunked again
+        (90, None, None, True),  # default chunking
         (1, 3, 16, True),
     ],
 )
@@ -133,7 +174,7 @@ def _naive_ms2d(m: SelectiveScan2d, x: torch.Tensor, grid) -> torch.Tensor:
     routes = [rows[::-1], cols, cols[::-1]]
     seq = torch.stack([xs[:, :, i, j] for route in routes for i, j in route], dim=-1)
     ys = ssm(seq, 1)
-    merged = torch.zeros(x.shape[0], h, w, m.d_inner)
+    merged = x.new_zeros(x.shape[0], h, w, m.d_inner)
     for pos, (i, j) in enumerate(p for route in routes for p in route):
         merged[:, i, j] += ys[:, pos]
     up = F.interpolate(merged.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=False)
@@ -141,12 +182,51 @@ def _naive_ms2d(m: SelectiveScan2d, x: torch.Tensor, grid) -> torch.Tensor:
     return m.out_proj(y)
 
 
-@pytest.mark.parametrize("grid", [(4, 6), (5, 3), (1, 1)])
-def test_ms2d_mixer_equals_naive_routes(grid):
-    m = SelectiveScan2d(8, d_state=2).eval()
-    x = torch.randn(2, grid[0] * grid[1], 8)
+@pytest.mark.parametrize(
+    ("grid", "d_state"), [((4, 6), 1), ((5, 3), 1), ((2, 7), 1), ((1, 1), 1), ((4, 6), 2), ((5, 3), 2)]
+)
+def test_ms2d_mixer_equals_naive_routes(grid, d_state, monkeypatch):
+    # fp64 throughout: every path must compute the official function, not just come close in fp32
+    m = SelectiveScan2d(8, d_state=d_state).double().eval()
+    m._steps, m._fused_min_numel = 2, 0  # several chunks per row and per route; the step-by-step path however small
+    x = torch.randn(2, grid[0] * grid[1], 8, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(m(x, grid), _naive_ms2d(m, x, grid), rtol=1e-4, atol=1e-5)
+        expected = _naive_ms2d(m, x, grid)
+        torch.testing.assert_close(m.forward_routes(x, grid), expected, rtol=1e-10, atol=1e-10)
+        with monkeypatch.context() as patch:
+            if d_state == 1:  # without autograd: the step-by-step scans, never the vectorised one
+                patch.setattr(m, "_s6", _forbidden)
+            torch.testing.assert_close(m(x, grid), expected, rtol=1e-10, atol=1e-10)
+    # autograd records: the vectorised path, whose scan has its own backward; values and gradients
+    x.requires_grad_(True)
+    params = [x, *m.parameters()]
+    out = m(x, grid)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    for g, g_ref in zip(grads, torch.autograd.grad(_naive_ms2d(m, x, grid).square().sum(), params), strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("the inference forward took the vectorised scan")
+
+
+def test_ms2d_inference_scan_on_a_larger_map_and_past_the_softplus_threshold():
+    m = SelectiveScan2d(8).eval()
+    m._fused_min_numel = 0
+    with torch.no_grad():
+        m.dt_projs_bias[:, :3] = 30.0  # some dt pre-activations past softplus' threshold 20 (there dt = x)
+    x = torch.randn(2, 12 * 10, 8)
+    with torch.no_grad():
+        expected = _naive_ms2d(m.double(), x.double(), (12, 10)).float()
+        m.float()
+        m._s6 = _forbidden  # the step-by-step scans only
+        torch.testing.assert_close(m(x, (12, 10)), expected, rtol=1e-4, atol=1e-5)
+        with FlopCounterMode(display=False) as counter:
+            m(x, (12, 10))
+    # the inference path counts the same scans: 120 tokens at full scale, 3 routes x 6x5 at half scale
+    scan = counter.get_flop_counts()["Global"][torch.ops.vitlab.selective_scan_flops]
+    assert scan == 2 * (selective_scan_macs(2, 120, 16, 1) + selective_scan_macs(2, 90, 16, 1))
 
 
 def test_ms2d_mixer_grads_flops_meta_and_errors():
@@ -165,6 +245,8 @@ def test_ms2d_mixer_grads_flops_meta_and_errors():
         assert SelectiveScan2d(16)(torch.empty(1, 12, 16), (3, 4)).shape == (1, 12, 16)
     with pytest.raises(ValueError, match="grid"):
         m(x)
+    with pytest.raises(ValueError, match="do not fill grid"):
+        m(x, (4, 4))
     with pytest.raises(ValueError, match="dt_rank"):
         SelectiveScan2d(16, dt_rank=0)
     with pytest.raises(ValueError, match="d_state"):

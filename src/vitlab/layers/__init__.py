@@ -49,7 +49,8 @@ __all__ += ["RETENTION_FORMS", "Retention", "run_retention_form"]
 from .scattering import ScatteringMixer, dtcwt2d, idtcwt2d
 
 __all__ += ["ScatteringMixer", "dtcwt2d", "idtcwt2d"]
-from .selective_scan import SelectiveScan2d, selective_scan, selective_scan_macs, selective_scan_ref
+from .multiscale_scan import SelectiveScan2d
+from .selective_scan import selective_scan, selective_scan_macs, selective_scan_ref
 
 __all__ += ["SelectiveScan2d", "selective_scan", "selective_scan_macs", "selective_scan_ref"]
 from .spectral import SpectralGating, global_filter, resample_spectral_filter

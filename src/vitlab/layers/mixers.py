@@ -13,10 +13,10 @@ from .attention import Attention
 from .hyena import HyenaMixer
 from .maf import MultiScaleAttentionFusion
 from .msa_conv import MSAConv
+from .multiscale_scan import SelectiveScan2d
 from .polyline_mask import PolylinePathAttention
 from .retention import Retention
 from .scattering import ScatteringMixer
-from .selective_scan import SelectiveScan2d
 from .spectral import SpectralGating
 from .strip_attention import StripAttention
 from .window_attention import WindowAttention

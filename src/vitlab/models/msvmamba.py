@@ -2,7 +2,7 @@
 github.com/YuHengsss/MSVMamba (master branch, commit c394019; PAPERS.md row 10).
 
 A four-stage VMamba-style backbone: a 4x4 patch embedding, then per stage ``MetaBlock``s of
-``LayerNorm -> SelectiveScan2d`` (the multi-scale 2-D selective scan, ``layers/selective_scan.py``) and
+``LayerNorm -> SelectiveScan2d`` (the multi-scale 2-D selective scan, ``layers/multiscale_scan.py``) and
 ``LayerNorm -> ConvFfn`` (``layers/mlp.py``, hidden width 2x), with 2x2 patch merging between stages.
 Variants N/M/T follow the official configs ``classification/configs/ms_vssm/vssm_{nano,micro,tiny}_224_ms.yaml``
 (d_state 1, ssm_ratio 2, multi-scale scan and SE gate in every stage, ConvFFN, no plain MLP).
