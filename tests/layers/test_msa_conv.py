@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab.layers import MIXERS, MetaBlock, MSAConv, msa_conv_windows
 
@@ -63,6 +64,31 @@ def test_msa_conv_matches_naive_reference_at_any_grid(kwargs, grid):
     x = torch.randn(2, grid[0] * grid[1], kwargs["dim"])
     with torch.no_grad():
         torch.testing.assert_close(m(x, grid), _naive(m, x, grid), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [CASES[1], CASES[3], CASES[5]])
+def test_blocked_halo_attention_is_exact_across_blocks(kwargs):
+    # blocks of 2 cells on a 5x7 grid: several blocks, halos crossing block edges, queries padded to whole blocks
+    torch.manual_seed(0)
+    m = MSAConv(**kwargs).eval()
+    m.block_size = 2
+    x = torch.randn(2, 35, kwargs["dim"])
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, (5, 7)), _naive(m, x, (5, 7)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_size", [2, 7])
+def test_flop_count_is_the_nominal_window_cost(block_size):
+    # inference counts k*k taps per query and head (q.k and attn.v), not the masked halo products
+    m = MSAConv(8, num_heads=2, kernel_size=3, pool_size=2).eval()
+    m.block_size = block_size
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        m(torch.randn(3, 5 * 7, 8), (5, 7))
+    H, W = 6, 8  # padded to whole 2x2 cells
+    window = 3 * H * W * 9 * 2 * 4 * 2  # B * queries * k*k * (qk + av) * head_dim * heads
+    linears = 3 * 35 * (8 * 24 + 8 * 8)
+    pool = 3 * 12 * 16 * 4  # depthwise 2x2 conv on 2C = 16 channels at 3x4 cells
+    assert counter.get_total_flops() == 2 * (window + linears + pool)
 
 
 def test_same_weights_run_on_every_size_and_behave_like_a_convolution():

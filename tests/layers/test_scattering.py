@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab.layers import MIXERS, ScatteringMixer, dtcwt2d, idtcwt2d
 
@@ -112,6 +113,23 @@ def test_mixer_other_grids_and_gradients():
         assert torch.isfinite(out).all()
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mixer.parameters())
+
+
+def test_flops_count_the_filter_taps_not_the_dense_products():
+    # each of the 2 analysis filters along W, then the 4 along H, and the inverse's 2 + 1 two-band sums, are
+    # 19-tap filters: 6 * 19 MACs per sample forward and 6 * 19 inverse, whatever the size of the dense matrices
+    x = torch.randn(2, 3, 12, 20)
+    for fn, args in ((dtcwt2d, (x,)), (idtcwt2d, dtcwt2d(x))):
+        with FlopCounterMode(display=False) as counter:
+            fn(*args)
+        assert counter.get_total_flops() == 2 * 6 * 19 * x.numel()
+
+
+def test_gradients_through_the_transform_are_exact():
+    # the filter products are a custom op with their own backward (the transposed matrices): check it numerically
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: idtcwt2d(*dtcwt2d(t)), (x,))
+    assert torch.autograd.gradcheck(lambda t: dtcwt2d(t)[1], (x,))
 
 
 def test_registered_as_mixer():

@@ -24,8 +24,15 @@ The two capacity mechanisms are reconstructed (the paper's text could not be rea
   cyclically by ``shift_size`` (default: one window span) towards up, down, left and right. Each group
   then sees the neighbouring window in its direction, and the wrap-around joins opposite borders.
 
-All softmax attention goes through ``layers.attention.attend``. Memory: the unfolded windows hold ``k²``
-copies of the key and value maps (what the official im2col operator also materialises, in chunks).
+How it runs: the maps stay channels-last (the token layout) and the queries are taken in blocks of
+``block_size x block_size`` (pooled) cells; each block attends, through ``layers.attention.attend``, to the
+``(block_size + k - 1)²`` halo of keys its windows cover, with a boolean mask that keeps each query to its own
+``k x k`` window (zero-padded positions stay in, as logit-0 taps). This gathers each key about
+``((b + k - 1) / b)²`` times (3.4 at ``b = k = 7``) instead of ``k²`` times (the unfolded windows of the
+official im2col operator, ``msa_conv_windows`` here), and the attention runs as matrix products. The masked
+products are work the operator does not need, so in inference the attention call goes through the
+``vitlab::msa_conv_attention`` op whose registered FLOP formula counts the nominal ``k²`` taps per query;
+with autograd recording (training) it calls ``attend`` directly and a FLOP counter sees the full blocks.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from .attention import attend
 from .block import Grid
@@ -49,6 +57,32 @@ def msa_conv_windows(x: torch.Tensor, kernel_size: int, dilation: int = 1) -> to
     return cols.view(B, C, kernel_size * kernel_size, H * W).permute(0, 3, 2, 1)
 
 
+@torch.library.custom_op("vitlab::msa_conv_attention", mutates_args=())
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, macs: int
+) -> torch.Tensor:
+    """``attend(q, k, v, mask)`` whose cost a FLOP counter takes as ``macs`` (the unmasked taps only)."""
+    return attend(q, k, v, mask, scale=scale)
+
+
+@_masked_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, macs: int) -> torch.Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@register_flop_formula(torch.ops.vitlab.msa_conv_attention)
+def _masked_attention_flops(q_shape, k_shape, v_shape, mask_shape, scale, macs, *args, **kwargs) -> int:
+    return 2 * macs
+
+
+def _window_mask(block: int, pool: int, kernel_size: int, dilation: int, device: torch.device) -> torch.Tensor:
+    """``(block * pool, block + 2r)``: may query row ``i`` of a block see halo row ``u`` (one axis; ``r`` the reach)?"""
+    reach = dilation * (kernel_size // 2)
+    cell = torch.arange(block * pool, device=device) // pool  # the pooled cell each query row belongs to
+    offset = torch.arange(block + 2 * reach, device=device)[None] - reach - cell[:, None]
+    return (offset.abs() <= reach) & (offset % dilation == 0)
+
+
 class MSAConv(nn.Module):
     """Self-attention within convolution windows: the mixer ``forward(x (B, H*W, C), grid) -> (B, H*W, C)``.
 
@@ -58,6 +92,8 @@ class MSAConv(nn.Module):
         shift: multi-directional cyclic shift of the keys/values per head group; ``shift_size`` (default the
             window span) is in units of the (pooled) key map.
     """
+
+    block_size = 7  # query cells per block side (speed only: any value computes the same function)
 
     def __init__(
         self,
@@ -93,19 +129,56 @@ class MSAConv(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _shift(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, h, w) with C = (heads, head_dim): head group g rolled up / down / left / right
-        B, _, h, w = x.shape
+    def _pad_keys(self, kv: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+        """``(B, h, w, 2C)`` keys/values -> zero-padded ``(B, top + h + bottom, left + w + right, 2, heads, head_dim)``,
+        with the cyclic shift (``shift=True``) of each head group written in place of a roll (one copy)."""
+        B, h, w, _ = kv.shape
+        src = kv.reshape(B, h, w, 2, self.num_heads, self.head_dim)
+        out = kv.new_zeros(B, top + h + bottom, left + w + right, 2, self.num_heads, self.head_dim)
+        if not self.shift:
+            out[:, top : top + h, left : left + w] = src
+            return out
         s = self.shift_size
-        rolls = ((s, 0), (-s, 0), (0, s), (0, -s))
-        groups = x.view(B, self.num_heads, self.head_dim, h, w).tensor_split(4, dim=1)
-        return torch.cat([torch.roll(g, r, dims=(3, 4)) for g, r in zip(groups, rolls, strict=True)], 1).view_as(x)
+        # head group g rolled up / down / left / right: rolled[i] = src[(i - d) mod n], four quadrant copies
+        size, extra = divmod(self.num_heads, 4)  # four contiguous head groups, as tensor_split makes them
+        ends = [g * size + min(g, extra) for g in range(5)]
+        for g, (dy, dx) in enumerate(((s, 0), (-s, 0), (0, s), (0, -s))):
+            heads = slice(ends[g], ends[g + 1])
+            dy, dx = dy % h, dx % w
+            for ys, yd in ((slice(0, h - dy), slice(top + dy, top + h)), (slice(h - dy, h), slice(top, top + dy))):
+                for xs, xd in (
+                    (slice(0, w - dx), slice(left + dx, left + w)),
+                    (slice(w - dx, w), slice(left, left + dx)),
+                ):
+                    out[:, yd, xd, :, heads] = src[:, ys, xs, :, heads]
+        return out
 
-    def _windows(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, h, w) -> (B*h*w, heads, k*k, head_dim)
-        win = msa_conv_windows(x, self.kernel_size, self.dilation)  # (B, h*w, k*k, C)
-        B, L, K, _ = win.shape
-        return win.reshape(B * L, K, self.num_heads, self.head_dim).transpose(1, 2)
+    def _attend_blocks(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Queries ``(B, h f, w f, C)`` onto their windows of the keys/values ``(B, h, w, 2C)``, block by block."""
+        B, h, w, C2 = kv.shape
+        f, nh, hd, r = self.pool_size, self.num_heads, self.head_dim, self.dilation * (self.kernel_size // 2)
+        bh, bw = min(self.block_size, h), min(self.block_size, w)
+        nH, nW = -(-h // bh), -(-w // bw)
+        eh, ew = bh + 2 * r, bw + 2 * r  # halo of a block
+        # zeros around the map (the operator's padding) and up to whole blocks; then each block's halo, gathered
+        kv = self._pad_keys(kv, r, nH * bh - h + r, r, nW * bw - w + r)
+        sB, sH, sW = kv.stride()[:3]
+        kv = kv.as_strided((B, nH, nW, eh, ew, 2, nh, hd), (sB, bh * sH, bw * sW, sH, sW, *kv.stride()[3:]))
+        k, v = kv.permute(5, 0, 1, 2, 6, 3, 4, 7).reshape(2, -1, nh, eh * ew, hd)  # (B*nH*nW, nh, eh*ew, hd) each
+        if q.shape[1] != nH * bh * f or q.shape[2] != nW * bw * f:
+            q = F.pad(q, (0, 0, 0, nW * bw * f - q.shape[2], 0, nH * bh * f - q.shape[1]))
+        q = q.view(B, nH, bh * f, nW, bw * f, nh, hd).permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, nh, bh * bw * f * f, hd)
+        rows = _window_mask(bh, f, self.kernel_size, self.dilation, q.device)
+        cols = _window_mask(bw, f, self.kernel_size, self.dilation, q.device)
+        mask = (rows[:, None, :, None] & cols[None, :, None, :]).reshape(bh * f * bw * f, eh * ew)
+        dropout = self.attn_drop if self.training else 0.0
+        if dropout or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            out = attend(q, k, v, mask, dropout, self.scale)
+        else:  # inference: counted at the nominal k*k taps per (real) query
+            macs = B * h * w * f * f * nh * self.kernel_size**2 * 2 * hd
+            out = torch.ops.vitlab.msa_conv_attention(q, k, v, mask, self.scale, macs)
+        out = out.view(B, nH, nW, nh, bh * f, bw * f, hd).permute(0, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, nH * bh * f, nW * bw * f, C2 // 2)
 
     def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
         if grid is None:
@@ -114,17 +187,12 @@ class MSAConv(nn.Module):
         H, W = grid
         if N != H * W:
             raise ValueError(f"{N} tokens do not fill grid {tuple(grid)} (MSAConv takes no prefix tokens)")
-        f, nh, hd = self.pool_size, self.num_heads, self.head_dim
-        qkv = self.qkv(x).transpose(1, 2).reshape(B, 3 * C, H, W)
-        qkv = F.pad(qkv, (0, (-W) % f, 0, (-H) % f))  # whole f x f cells (no-op for f = 1)
-        q, k, v = qkv.chunk(3, dim=1)  # (B, C, Hp, Wp) each
-        if self.kv_pool is not None:
-            k, v = self.kv_pool(torch.cat([k, v], dim=1)).chunk(2, dim=1)  # (B, C, Hp/f, Wp/f)
-        if self.shift:
-            k, v = self._shift(k), self._shift(v)
-        h, w = k.shape[-2:]
-        # the f x f queries of each (pooled) cell: (B*h*w, heads, f*f, head_dim)
-        q = q.reshape(B, nh, hd, h, f, w, f).permute(0, 3, 5, 1, 4, 6, 2).reshape(B * h * w, nh, f * f, hd)
-        out = attend(q, self._windows(k), self._windows(v), None, self.attn_drop if self.training else 0.0, self.scale)
-        out = out.reshape(B, h, w, nh, f, f, hd).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, h * f, w * f, C)
-        return self.proj_drop(self.proj(out[:, :H, :W].reshape(B, N, C)))
+        f = self.pool_size
+        qkv = self.qkv(x).view(B, H, W, 3 * C)  # channels-last maps throughout
+        if H % f or W % f:
+            qkv = F.pad(qkv, (0, 0, 0, -W % f, 0, -H % f))  # whole f x f cells
+        q, kv = qkv[..., :C], qkv[..., C:]
+        if self.kv_pool is not None:  # (B, Hp/f, Wp/f, 2C): the conv runs on a channels-last view
+            kv = self.kv_pool(kv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = self._attend_blocks(q, kv)[:, :H, :W]
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))

@@ -8,12 +8,21 @@ weight (spectral gating); the high bands go through a two-layer complex MLP that
 blocks with Einstein multiplication (channel mixing), optionally followed by a per-row complex MLP
 along the width (token mixing); the inverse DTCWT brings the map back.
 
-The DTCWT is written here in plain PyTorch (separable convolutions with half-sample symmetric
-extension), so the library needs no wavelet package. Level 1 of a DTCWT uses only the biorthogonal
-filters; these are Kingsbury's ``near_sym_b`` (13/19 taps), the filters SVT uses; the layout of the
-outputs follows ``pytorch_wavelets.DTCWTForward(J=1)`` (orientations 15, 45, 75, 105, 135, 165 degrees,
-real/imaginary last), which the tests check against. Odd sizes are extended by repeating the last
-row/column, as the DTCWT toolboxes do, and cropped again after the inverse.
+The DTCWT is written here in plain PyTorch, so the library needs no wavelet package. Level 1 of a DTCWT
+uses only the biorthogonal filters; these are Kingsbury's ``near_sym_b`` (13/19 taps), the filters SVT uses;
+the layout of the outputs follows ``pytorch_wavelets.DTCWTForward(J=1)`` (orientations 15, 45, 75, 105, 135,
+165 degrees, real/imaginary last), which the tests check against. Odd sizes are extended by repeating the
+last row/column, as the DTCWT toolboxes do, and cropped again after the inverse.
+
+How it runs (CPU speed): each separable filter pass along an axis of length ``n`` is one matrix product
+with an ``(outputs, n)`` matrix into which both filters, the half-sample symmetric extension, the odd-size
+extension and (inverse) the crop are folded; the matrices depend only on ``n``, are built once per size and
+are kept out of the state dict. Everything works on channels-last ``(B, H, W, C)`` maps, the token layout, so
+no transposes are needed; the complex MLP runs as one real batched matrix product per layer
+(``[re, im] @ [[Wr, Wi], [-Wi, Wr]]`` per channel block). A dense ``n x n`` product does ``n / 19`` times the
+multiply-accumulates of the filters (about 3x at SVT-H's 56x56 stage-1 grid) but runs near the matmul peak,
+far faster than 1-D convolutions; the FLOP counter still sees the filters' nominal count (19 taps per output
+sample and band, the lowpass zero-padded from 13) through the ``vitlab::band_matmul`` op's registered formula.
 
 Deviations from the official code: the low-band weight is resampled (bilinear) when the grid differs from
 the one the layer was built for, so models run at other resolutions; the transform runs in the input's
@@ -23,10 +32,14 @@ dtype (the official code casts to float32).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["ScatteringMixer", "dtcwt2d", "idtcwt2d"]
 
@@ -45,6 +58,7 @@ _H1_HALF = (
     0.5594308035714286,
 )  # 19 taps
 _TAPS = 2 * len(_H1_HALF) - 1
+_Q2C = math.sqrt(0.5)  # the quad -> complex rotation is orthonormal up to this factor
 
 
 def _symmetric(half: tuple[float, ...]) -> list[float]:
@@ -70,30 +84,141 @@ def _symmetric_index(n: int, pad: int) -> list[int]:
     return [j if j < n else period - 1 - j for j in (i % period for i in range(-pad, n + pad))]
 
 
-def _filter(x: torch.Tensor, taps: tuple[list[float], ...], dim: int, combine: bool) -> torch.Tensor:
-    """Filter ``x (M, K, H, W)`` along ``dim`` (2: height, 3: width) with each filter in ``taps``.
+@lru_cache(maxsize=64)
+def _analysis_matrix(n: int) -> np.ndarray:
+    """``(2 m, n)``, ``m = n`` rounded up to even: rows ``[lowpass | highpass]`` of a length-``n`` signal.
 
-    ``combine=False``: every channel through every filter, ``(M, K * len(taps), H, W)``, channel-major.
-    ``combine=True``: channel ``k`` through filter ``k``, summed, ``(M, 1, H, W)`` (the synthesis sum).
+    Row ``f m + i`` is filter ``f`` at output ``i`` of the extended signal: odd ``n`` repeats its last sample,
+    then both ends are extended half-sample symmetrically by ``_TAPS // 2``.
     """
-    n, pad = x.shape[dim], _TAPS // 2
-    index = torch.tensor(_symmetric_index(n, pad), device=x.device)
-    x = x.index_select(dim, index)
-    weight = torch.tensor(taps, dtype=x.dtype, device=x.device)  # (F, taps)
-    shape = (len(taps), 1, _TAPS, 1) if dim == 2 else (len(taps), 1, 1, _TAPS)
-    K = x.shape[1]
-    if combine:
-        return F.conv2d(x, weight.view(1, len(taps), *shape[2:]))
-    return F.conv2d(x, weight.view(shape).repeat(K, 1, 1, 1), groups=K)
+    m = n + n % 2
+    source = np.minimum(_symmetric_index(m, _TAPS // 2), n - 1)  # extended position -> input sample
+    i, t = np.meshgrid(np.arange(m), np.arange(_TAPS), indexing="ij")
+    a = np.zeros((2 * m, n))
+    for f, taps in enumerate(_ANALYSIS):
+        np.add.at(a, (f * m + i, source[i + t]), np.asarray(taps)[t])
+    return a
 
 
-def _even(x: torch.Tensor) -> torch.Tensor:
-    # odd sizes: repeat the last row / column (the DTCWT toolboxes' rule)
-    if x.shape[-2] % 2:
-        x = torch.cat([x, x[..., -1:, :]], dim=-2)
-    if x.shape[-1] % 2:
-        x = torch.cat([x, x[..., -1:]], dim=-1)
-    return x
+@lru_cache(maxsize=64)
+def _synthesis_matrix(m: int, n: int) -> np.ndarray:
+    """``(n, 2 m)``: the inverse of two bands of length ``m`` (columns ``[lowpass | highpass]``), ``n`` outputs."""
+    source = np.asarray(_symmetric_index(m, _TAPS // 2))
+    i, t = np.meshgrid(np.arange(n), np.arange(_TAPS), indexing="ij")
+    s = np.zeros((n, 2 * m))
+    for f, taps in enumerate(_SYNTHESIS):
+        np.add.at(s, (i, f * m + source[i + t]), np.asarray(taps)[t])
+    return s
+
+
+@torch.library.custom_op("vitlab::band_matmul", mutates_args=())
+def _band_matmul(a: torch.Tensor, x: torch.Tensor, nnz: int) -> torch.Tensor:
+    """``a (m, n) @ x (b, n, k) -> (b, m, k)`` for a filter matrix ``a`` whose nominal taps number ``nnz``."""
+    return torch.matmul(a, x)
+
+
+@_band_matmul.register_fake
+def _(a: torch.Tensor, x: torch.Tensor, nnz: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], a.shape[0], x.shape[2])
+
+
+def _band_matmul_setup(ctx, inputs, output) -> None:  # torch.library's setup_context signature
+    ctx.save_for_backward(inputs[0])
+    ctx.nnz = inputs[2]
+
+
+def _band_matmul_backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+    (a,) = ctx.saved_tensors
+    return None, torch.ops.vitlab.band_matmul(a.t(), grad, ctx.nnz), None  # the filter matrix is a constant
+
+
+_band_matmul.register_autograd(_band_matmul_backward, setup_context=_band_matmul_setup)
+
+
+@register_flop_formula(torch.ops.vitlab.band_matmul)
+def _band_matmul_flops(a_shape, x_shape, nnz, *args, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[2] * nnz  # the filters' taps, not the dense product's
+
+
+def _filter(matrix: np.ndarray, x: torch.Tensor, taps_per_output: int) -> torch.Tensor:
+    """``matrix @ x`` for ``x (b, n, k)``, counted as ``taps_per_output`` multiply-accumulates per output."""
+    a = torch.from_numpy(matrix).to(device=x.device, dtype=x.dtype)
+    return torch.ops.vitlab.band_matmul(a, x, a.shape[0] * taps_per_output)
+
+
+def _analysis(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, C)`` -> ``(B, 2H', 2W', C)``: the four bands, rows ``[low | high along H]``, columns along W."""
+    B, H, W, C = x.shape
+    y = _filter(_analysis_matrix(H), x.reshape(B, H, W * C), _TAPS)  # (B, 2H', W*C)
+    y = _filter(_analysis_matrix(W), y.view(-1, W, C), _TAPS)  # (B*2H', 2W', C)
+    return y.view(B, y.shape[0] // B, y.shape[1], C)
+
+
+def _synthesis(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`_analysis`, cropped to ``size``: ``(B, 2H', 2W', C)`` -> ``(B, H, W, C)``."""
+    B, H2, W2, C = (y.shape[0], y.shape[1] // 2, y.shape[2] // 2, y.shape[3])
+    H, W = size
+    x = _filter(_synthesis_matrix(W2, W), y.reshape(-1, 2 * W2, C), 2 * _TAPS)  # (B*2H', W, C)
+    x = _filter(_synthesis_matrix(H2, H), x.view(B, 2 * H2, W * C), 2 * _TAPS)  # (B, H, W*C)
+    return x.view(B, H, W, C)
+
+
+def _blocks(t: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """``(B, h, w, C)`` -> the view ``(nb, B, h, w, C / nb)``: channel blocks first (batched matmuls)."""
+    return t.unflatten(-1, (num_blocks, -1)).permute(3, 0, 1, 2, 4)
+
+
+def _write(out: torch.Tensor, op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[...] = op(a, b)`` into a view, without a temporary when autograd is not recording (``out=``)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or out.requires_grad):
+        out.copy_(op(a, b))
+    else:
+        op(a, b, out=out)
+
+
+_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, column) parity of a, b, c, d
+_PAIRS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (orientation pair, real/imaginary) of r1, i1, r2, i2
+
+
+def _polyphase(y: torch.Tensor, quad: int, phase: int, num_blocks: int) -> torch.Tensor:
+    """One polyphase component (``_PHASES``) of high quad ``quad`` (lh, hh, hl) of ``y (B, 2H', 2W', C)``,
+    as the view ``(nb, B, H'/2, W'/2, C / nb)``. Views are made just before they are written: autograd
+    forbids writing through views made before an earlier write to the same tensor."""
+    H2, W2 = y.shape[1] // 2, y.shape[2] // 2
+    # lh: low along W, high along H (15/165 deg); hh: diagonal (45/135); hl: high along W (75/105)
+    rows, cols = (
+        (slice(H2, None), slice(None, W2)),
+        (slice(H2, None), slice(W2, None)),
+        (slice(None, H2), slice(W2, None)),
+    )[quad]
+    i, j = _PHASES[phase]
+    return _blocks(y[:, rows, cols][:, i::2, j::2], num_blocks)
+
+
+def _to_complex(y: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The high quads of ``y`` rotated to complex pairs, unscaled: ``(nb, B, 3, 2, H'/2, W'/2, 2, C / nb)``.
+
+    Axis 2 is the quad (lh, hh, hl), axis 3 the orientation pair (15/45/75 first, 165/135/105 second), axis 6
+    real/imaginary; multiplied by ``_Q2C`` these are the DTCWT's high bands.
+    """
+    B, H2, W2, C = y.shape[0], y.shape[1] // 2, y.shape[2] // 2, y.shape[3]
+    z = y.new_empty(num_blocks, B, 3, 2, H2 // 2, W2 // 2, 2, C // num_blocks)
+    for q in range(3):
+        a, b, c, d = (_polyphase(y, q, p, num_blocks) for p in range(4))
+        ops = ((torch.sub, a, d), (torch.add, b, c), (torch.add, a, d), (torch.sub, b, c))
+        for (k, r), (op, u, v) in zip(_PAIRS, ops, strict=True):
+            _write(z[:, :, q, k, :, :, r], op, u, v)  # r1 = a - d, i1 = b + c, r2 = a + d, i2 = b - c
+    return z
+
+
+def _from_complex(z: torch.Tensor, y: torch.Tensor) -> None:
+    """Write the inverse rotation of ``z`` (``_to_complex``'s layout, pre-multiplied by ``_Q2C``) into ``y``'s quads."""
+    nb = z.shape[0]
+    for q in range(3):
+        r1, i1, r2, i2 = (z[:, :, q, k, :, :, r] for k, r in _PAIRS)
+        ops = ((torch.add, r1, r2), (torch.add, i1, i2), (torch.sub, i1, i2), (torch.sub, r2, r1))
+        for p, (op, u, v) in enumerate(ops):
+            _write(_polyphase(y, q, p, nb), op, u, v)  # a = r1 + r2, b = i1 + i2, c = i1 - i2, d = r2 - r1
 
 
 def dtcwt2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,18 +233,11 @@ def dtcwt2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if x.ndim != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    x = _even(x)
-    B, C, H, W = x.shape
-    bands = _filter(x.reshape(B * C, 1, H, W), _ANALYSIS, 3, combine=False)  # (BC, 2 [W band], H, W)
-    bands = _filter(bands, _ANALYSIS, 2, combine=False).view(B, C, 2, 2, H, W)  # [W band, H band]
-    lowpass = bands[:, :, 0, 0]
-    # lh: low along W, high along H (15/165 deg); hh: diagonal (45/135); hl: high along W (75/105)
-    quads = torch.stack([bands[:, :, 0, 1], bands[:, :, 1, 1], bands[:, :, 1, 0]], dim=2) * math.sqrt(0.5)
-    a, b = quads[..., 0::2, 0::2], quads[..., 0::2, 1::2]
-    c, d = quads[..., 1::2, 0::2], quads[..., 1::2, 1::2]
-    first = torch.stack([a - d, b + c], dim=-1)  # 15, 45, 75 degrees
-    second = torch.stack([a + d, b - c], dim=-1)  # 165, 135, 105 degrees
-    return lowpass, torch.cat([first, second.flip(2)], dim=2)
+    y = _analysis(x.permute(0, 2, 3, 1))
+    H2, W2 = y.shape[1] // 2, y.shape[2] // 2
+    z = _to_complex(y, 1)[0] * _Q2C  # (B, 3, 2, h, w, 2, C)
+    high = torch.cat([z[:, :, 0], z[:, :, 1].flip(1)], dim=1)  # orientations 15..75, then 105..165
+    return y[:, :H2, :W2].permute(0, 3, 1, 2), high.permute(0, 5, 1, 2, 3, 4)
 
 
 def idtcwt2d(lowpass: torch.Tensor, highpass: torch.Tensor) -> torch.Tensor:
@@ -130,35 +248,38 @@ def idtcwt2d(lowpass: torch.Tensor, highpass: torch.Tensor) -> torch.Tensor:
             f"highpass must be (B, C, 6, H/2, W/2, 2) for an even lowpass {tuple(lowpass.shape)}, "
             f"got {tuple(highpass.shape)}"
         )
-    first, second = highpass[:, :, :3], highpass[:, :, 3:].flip(2)
-    # undo the quad -> complex rotation: it is orthonormal, so its inverse is its transpose
-    r1, i1, r2, i2 = first[..., 0], first[..., 1], second[..., 0], second[..., 1]
-    s = math.sqrt(0.5)
-    a, d, b, c = (r1 + r2) * s, (r2 - r1) * s, (i1 + i2) * s, (i1 - i2) * s
-    top = torch.stack([a, b], dim=-1).flatten(-2)  # interleave columns: (..., H/2, W)
-    bottom = torch.stack([c, d], dim=-1).flatten(-2)
-    quads = torch.stack([top, bottom], dim=-2).flatten(-3, -2)  # interleave rows: (B, C, 3, H, W)
-    lh, hh, hl = quads.unbind(2)
-    bands = torch.stack([lowpass, lh, hl, hh], dim=2).view(B * C * 2, 2, H, W)  # [W band][H band]
-    x = _filter(bands, _SYNTHESIS, 2, combine=True).view(B * C, 2, H, W)
-    return _filter(x, _SYNTHESIS, 3, combine=True).view(B, C, H, W)
+    y = lowpass.new_empty(B, 2 * H, 2 * W, C)
+    y[:, :H, :W] = lowpass.permute(0, 2, 3, 1)
+    high = highpass.permute(0, 2, 3, 4, 5, 1) * _Q2C  # (B, 6, h, w, 2, C)
+    z = torch.stack([high[:, :3], high[:, 3:].flip(1)], dim=2)  # (B, 3, 2, h, w, 2, C)
+    _from_complex(z[None], y)
+    return _synthesis(y, (H, W)).permute(0, 3, 1, 2)
 
 
 def _complex_mlp(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+    z: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    in_scale: float = 1.0,
+    out_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Two complex block-diagonal layers with ReLU between (Einstein multiplication per block).
+    """Two complex block-diagonal layers with ReLU between (Einstein multiplication per block), as real products.
 
-    ``x (2, ..., nb, d)`` real/imaginary first; weights ``(2, nb, d, d)``, biases ``(2, nb, d)``.
+    ``z (nb, M, 2d)``: per block, ``M`` rows of ``[re, im]`` of its ``d`` inputs; weights ``(2, nb, d, d)`` and
+    biases ``(2, nb, d)`` (real, imaginary first). Each layer is ``[re, im] @ [[Wr, Wi], [-Wi, Wr]] + [br, bi]``,
+    the complex product ``(re + i im)(Wr + i Wi)``; ``in_scale`` multiplies the input, ``out_scale`` the output.
     """
 
-    def layer(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        zr, zi = z[0], z[1]
-        real = torch.einsum("...nd,ndk->...nk", zr, w[0]) - torch.einsum("...nd,ndk->...nk", zi, w[1]) + b[0]
-        imag = torch.einsum("...nd,ndk->...nk", zr, w[1]) + torch.einsum("...nd,ndk->...nk", zi, w[0]) + b[1]
-        return torch.stack([real, imag])
+    def real_form(w: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = torch.cat([torch.cat([w[0], w[1]], -1), torch.cat([-w[1], w[0]], -1)], -2)  # (nb, 2d, 2d)
+        return weight * scale, torch.cat([b[0], b[1]], -1).unsqueeze(1)  # (nb, 1, 2d)
 
-    return layer(F.relu(layer(x, w1, b1)), w2, b2)
+    weight, bias = real_form(w1, b1, in_scale)
+    z = F.relu(torch.baddbmm(bias, z, weight), inplace=True)
+    weight, bias = real_form(w2, b2, out_scale)
+    return torch.baddbmm(bias * out_scale, z, weight)
 
 
 class ScatteringMixer(nn.Module):
@@ -205,22 +326,27 @@ class ScatteringMixer(nn.Module):
             raise ValueError(f"{N} tokens do not fill grid {tuple(grid)}")
         if self.token_mixing and _padded(grid) != _padded(self.grid_size):
             raise ValueError(f"token mixing was built for grid {self.grid_size}, got {tuple(grid)}")
-        low, high = dtcwt2d(x.transpose(1, 2).reshape(B, C, H, W))
+        nb, (H2, W2) = self.num_blocks, _padded(grid)
+        y = _analysis(x.reshape(B, H, W, C))  # (B, 2H', 2W', C) bands
+        # channel mixing as real batched products on (nb, B*6*h*w, [re, im] of C/nb); the rotation's scale
+        # folds into the first layer's input and into the last layer's output
+        h, w, d = H2 // 2, W2 // 2, C // nb
+        z = _to_complex(y, nb).flatten(1, -3).flatten(-2)
+        out_scale = 1.0 if self.token_mixing else _Q2C
+        z = _complex_mlp(z, self.weight1, self.bias1, self.weight2, self.bias2, _Q2C, out_scale)
+        z = z.view(nb, B, 3, 2, h, w, 2, d)
+        if self.token_mixing:  # the same along the width, one complex matrix per row: (h, B*6*C, [re, im] of w)
+            perm = (4, 1, 2, 3, 0, 7, 6, 5)  # swaps the block and row axes and the channel and column axes
+            t = z.permute(perm).reshape(h, -1, 2 * w)
+            t = _complex_mlp(t, self.token_weight1, self.token_bias1, self.token_weight2, self.token_bias2, 1.0, _Q2C)
+            z = t.view(h, B, 3, 2, nb, d, 2, w).permute(perm)
         weight = self.weight_low
-        if weight.shape[-2:] != low.shape[-2:]:
-            weight = F.interpolate(weight[None], size=low.shape[-2:], mode="bilinear", align_corners=False)[0]
-        low = low * weight  # spectral gating of the low band
-        # channel mixing: (B, C, 6, h, w, 2) -> (2, B, 6, h, w, nb, d)
-        h, w = high.shape[3:5]
-        z = high.permute(5, 0, 2, 3, 4, 1).reshape(2, B, 6, h, w, self.num_blocks, C // self.num_blocks)
-        z = _complex_mlp(z, self.weight1, self.bias1, self.weight2, self.bias2).flatten(-2)
-        if self.token_mixing:  # rows are blocks, width is the mixed axis: (2, B, 6, C, h, w)
-            z = z.permute(0, 1, 2, 5, 3, 4)
-            z = _complex_mlp(z, self.token_weight1, self.token_bias1, self.token_weight2, self.token_bias2)
-            z = z.permute(0, 1, 2, 4, 5, 3)
-        high = z.permute(1, 5, 2, 3, 4, 0)  # (B, C, 6, h, w, 2)
-        x = idtcwt2d(low, high)[:, :, :H, :W]
-        return x.flatten(2).transpose(1, 2)
+        if weight.shape[-2:] != (H2, W2):
+            weight = F.interpolate(weight[None], size=(H2, W2), mode="bilinear", align_corners=False)[0]
+        bands = torch.empty_like(y)
+        _write(bands[:, :H2, :W2], torch.mul, y[:, :H2, :W2], weight.permute(1, 2, 0))  # low-band gating
+        _from_complex(z, bands)
+        return _synthesis(bands, grid).view(B, N, C)
 
 
 def _padded(grid: tuple[int, int]) -> tuple[int, int]:

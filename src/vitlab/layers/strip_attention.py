@@ -86,8 +86,9 @@ class StripAttention(nn.Module):
         if grid is None:
             raise ValueError(f"StripAttention with sr_ratio={self.sr_ratio} needs grid=(H, W) of the tokens")
         s = self.sr_ratio
-        m = tokens_to_map(x, grid)
-        m = F.pad(m, (0, -grid[1] % s, 0, -grid[0] % s))  # zero-pad right/bottom to whole s x s cells
+        m = tokens_to_map(x, grid)  # a channels-last view of the tokens, no copy; so is the conv's output
+        if grid[0] % s or grid[1] % s:  # (F.pad copies even when it pads nothing)
+            m = F.pad(m, (0, -grid[1] % s, 0, -grid[0] % s))  # zero-pad right/bottom to whole s x s cells
         return self.norm(map_to_tokens(self.sr(m))[0])
 
     def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:

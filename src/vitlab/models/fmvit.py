@@ -32,7 +32,8 @@ the paper's table, which could not be read; ``rep_groups=(1, 4)`` is likewise a 
 Deviations from Next-ViT's code beyond the FMViT parts: the pooling for keys/values is a 2-D average pool over
 the map (Next-ViT pools consecutive tokens in raster order with a 1-D pool); attention goes through
 ``F.scaled_dot_product_attention`` (``layers.attend``); blocks exchange ``(B, N, C)`` tokens with their grid
-(vitlab's contract) and work on maps inside.
+(vitlab's contract) and work on maps inside. The stem turns its input channels-last, so every map is a free view
+of the tokens (speed only: 1.2-1.3x on CPU; same function). ``benchmarks/zoo.py`` times the deploy form.
 """
 
 from __future__ import annotations
@@ -247,7 +248,9 @@ class _Stem(nn.Sequential):
         super().__init__(*(_conv_bn(i, o, 3, s, act=True) for i, o, s in specs))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
-        return map_to_tokens(super().forward(x))
+        # channels-last from the first conv on: every later map is then a free view of the (B, N, C) tokens, the
+        # 1x1 convs run as NHWC and the attention's q/k/v keep a unit last stride (SDPA's fused CPU kernel)
+        return map_to_tokens(super().forward(x.contiguous(memory_format=torch.channels_last)))
 
 
 class _Downsample(nn.Module):

@@ -68,7 +68,8 @@ class _ConvStem(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:  # type: ignore[override]
-        return map_to_tokens(super().forward(x))
+        # channels-last: the (B, N, C) tokens are then a free view of the stem's output map (no NCHW copies)
+        return map_to_tokens(super().forward(x.contiguous(memory_format=torch.channels_last)))
 
 
 class HybridPerceptionBlock(nn.Module):
