@@ -4,12 +4,14 @@ Trains an isotropic ViT on Fashion-MNIST with vitlab's recipe at a resolution gi
 tokens (``vitlab train``, so the tuned allocator applies), then applies every method at several
 settings to the trained weights (no fine-tuning) and measures on the same machine, in one run:
 top-1 on the test split, GFLOPs counted by ``torch.utils.flop_counter`` on the reduced graph with
-real test images (ATS keeps a different number of tokens per image), and img/s at a fixed batch
-(median of repeats after warm-up, on real images). It also times timm's ``deit_small_patch16_224``
-at 224 px (speed needs no training). Writes ``benchmarks/results/token_reduction.{csv,md,png}``.
+real test images (ATS keeps a different number of tokens per image), and img/s at a fixed batch on
+real images (after warm-up, all settings of a host timed in interleaved rounds, median per setting, so
+other load on the machine hits the unreduced baseline and every method alike). It also times timm's
+``deit_small_patch16_224`` at 224 px (speed needs no training).
+Writes ``benchmarks/results/token_reduction.{csv,md,png}``.
 
     .venv/bin/python benchmarks/token_reduction.py                              # the committed table
-    .venv/bin/python benchmarks/token_reduction.py --run runs/token_reduction/vit_nano_patch4_28
+    .venv/bin/python benchmarks/token_reduction.py --run runs/token_reduction/vit_micro_patch4_28
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import itertools
+import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,13 +75,30 @@ def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x) / 1e9
 
 
-def img_per_s(model: torch.nn.Module, x: torch.Tensor, seconds: float) -> float:
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules sharing its parameters and buffers (many reduced variants, one set of weights)."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def img_per_s(models: list[torch.nn.Module], x: torch.Tensor, seconds: float, rounds: int) -> list[float]:
+    """img/s of each model: ``rounds`` round-robin passes over all of them (so load on the machine hits every
+    model alike), each timing about ``seconds / rounds`` per model; median per model."""
     with torch.no_grad():
-        model(x)
-        t = Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads()).blocked_autorange(
-            min_run_time=seconds
-        )
-    return len(x) / t.median
+        reps = []
+        for model in models:  # warm-up, then the forwards that fill one round
+            model(x)
+            t0 = time.perf_counter()
+            model(x)
+            reps.append(max(1, round(seconds / rounds / (time.perf_counter() - t0))))
+        times: list[list[float]] = [[] for _ in models]
+        for _ in range(rounds):
+            for model, n, t in zip(models, reps, times, strict=True):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    model(x)
+                t.append((time.perf_counter() - t0) / n)
+    return [len(x) / statistics.median(t) for t in times]
 
 
 def top1(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -91,20 +113,19 @@ def top1(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]
 def sweep(base, batches, timing_x, flops_x, args, label: str, with_acc: bool) -> list[dict]:
     from vitlab import reduce
 
-    rows = []
-    ref = {"top1": top1(base, batches) if with_acc else None}
-    ref.update(gflops=gflops(base, flops_x), img_s=img_per_s(base, timing_x, args.seconds))
-    rows.append(dict(model=label, method="none", setting="", **ref))
-    print(rows[-1], flush=True)
+    rows, models = [dict(model=label, method="none", setting="")], [base]
     for method in args.methods:
         key, values = _values(method, len(base.blocks))
         for value in values:
-            model = reduce.apply(copy.deepcopy(base), method, **{key: value})
-            row = dict(model=label, method=method, setting=f"{key}={value}")
-            row["top1"] = top1(model, batches) if with_acc else None
-            row.update(gflops=gflops(model, flops_x), img_s=img_per_s(model, timing_x, args.seconds))
-            rows.append(row)
-            print(row, flush=True)
+            rows.append(dict(model=label, method=method, setting=f"{key}={value}"))
+            models.append(reduce.apply(shared_copy(base), method, **{key: value}))
+    for row, model in zip(rows, models, strict=True):
+        row["top1"] = top1(model, batches) if with_acc else None
+        row["gflops"] = gflops(model, flops_x)
+    for row, speed in zip(rows, img_per_s(models, timing_x, args.seconds, args.rounds), strict=True):
+        row["img_s"] = speed
+        print(row, flush=True)
+    ref = rows[0]
     for row in rows:
         row["flop_reduction"] = ref["gflops"] / row["gflops"]
         row["speedup"] = row["img_s"] / ref["img_s"]
@@ -162,7 +183,7 @@ def draw(base, image: torch.Tensor, args: argparse.Namespace) -> None:
     panels = []
     for method in args.methods:
         key, values = _values(method, len(base.blocks))
-        model = reduce.apply(copy.deepcopy(base), method, **{key: values[2]})
+        model = reduce.apply(shared_copy(base), method, **{key: values[2]})
         with torch.no_grad():
             _, state = reduce.forward_with_state(model, image[None])
         panels.append(draw_sources(rgb, state.source[0], tuple(base.patch_embed.grid_size)))
@@ -172,13 +193,14 @@ def draw(base, image: torch.Tensor, args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="vit_nano_patch4_28")
+    p.add_argument("--model", default="vit_micro_patch4_28")
     p.add_argument("--img-size", type=int, default=56)  # patch 4: 14 x 14 = 196 tokens
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--train-subset", type=int, default=20000)
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64, help="timing batch")
-    p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per measurement")
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per model, over --rounds")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median per model)")
     p.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--run", help="reuse this trained run directory instead of training")
     p.add_argument("--runs", default="runs/token_reduction")
@@ -210,11 +232,14 @@ def main() -> None:
         x = torch.nn.functional.interpolate(images[: args.batch_size].expand(-1, 3, -1, -1), size=224, mode="bilinear")
         rows += sweep(deit, [], x, x[:8], args, "deit_small_patch16_224 (random weights)", with_acc=False)
     m = describe_machine()
+    trained = json.loads((run / "config.json").read_text())  # the run's own recipe (it may come from --run)
     header = (
         f"# Token reduction, off the shelf (no fine-tuning)\n\n{meta['model']} trained by `vitlab train` at "
-        f"{meta['img_size']} px ({args.epochs} epochs on {args.train_subset} Fashion-MNIST images), top-1 on "
+        f"{meta['img_size']} px ({trained['optim']['epochs']} epochs on {trained['data']['train_subset'] or 'all'} "
+        f"Fashion-MNIST images), top-1 on "
         f"{args.test_subset} test images. Machine: {m.get('cpu', m)}; {torch.get_num_threads()} threads; "
-        f"allocator: {allocator_setting()}; timing batch {args.batch_size}, median of repeats >= {args.seconds}s; "
+        f"allocator: {allocator_setting()}; timing batch {args.batch_size}, median of {args.rounds} interleaved "
+        f"rounds (~{args.seconds}s per setting); "
         f"load average at the end {os.getloadavg()[0]:.1f} (other processes on the machine make img/s noisy).\n"
         f"Command: `{' '.join(sys.argv)}`"
     )

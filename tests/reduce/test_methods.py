@@ -16,7 +16,7 @@ def _state(size):
     return TokenState(size, torch.arange(t).expand(B, t))
 
 
-def _naive_mctf(x, attn, size, r, tau):
+def _naive_mctf(x, attn, size, r, tau, bidirectional=True):
     """MCTF Sec. 3.2-3.3 in loops: score pairs, merge r//2 A -> B, then the rest B -> unmerged A."""
     out = []
     for xb, ab, sb in zip(x, attn, size, strict=True):
@@ -28,13 +28,15 @@ def _naive_mctf(x, attn, size, r, tau):
             sim = ((xn[i] @ xn[j] + 1) / 2) ** (1 / tau[0])
             return float(sim * (info[i] * info[j]) ** (1 / tau[1]) * (small[i] * small[j]) ** (1 / tau[2]))
 
-        r1, r2 = r // 2, r - r // 2
+        r1 = r // 2 if bidirectional else r
+        r2 = r - r1
         best = {i: max(b, key=lambda j, i=i: score(i, j)) for i in a}
         order = sorted(a, key=lambda i: -score(i, best[i]))
         moved, unm = order[:r1], order[r1:]
         groups = {j: [j] + [i for i in moved if best[i] == j] for j in b}
-        back = {j: max(unm, key=lambda i, j=j: score(i, j)) for j in b}
-        order2 = sorted(b, key=lambda j: -score(back[j], j))
+        if r2:
+            back = {j: max(unm, key=lambda i, j=j: score(i, j)) for j in b}
+        order2 = sorted(b, key=lambda j: -score(back[j], j)) if r2 else b  # nothing moves: B keeps its order
         moved2, stay = order2[:r2], order2[r2:]
         final = [[i] + [m for j in moved2 if back[j] == i for m in groups[j]] for i in unm] + [groups[j] for j in stay]
         out.append(torch.stack([(xb[g] * sb[g, None]).sum(0) / sb[g].sum() for g in final]))
@@ -42,13 +44,63 @@ def _naive_mctf(x, attn, size, r, tau):
 
 
 @pytest.mark.parametrize(("t", "r"), [(10, 4), (9, 3), (12, 6), (7, 1)])
-def test_mctf_matches_naive_reference(t, r):
-    tau = (1.0, 20.0, 40.0)
+@pytest.mark.parametrize(
+    ("tau", "bidirectional"),
+    [((1.0, 20.0, 40.0), True), ((2.0, 20.0, 40.0), True), ((1.0, 2.0, 3.0), False)],
+    ids=["official", "tau_sim2", "one_way"],  # tau_sim = 1 scores pairs with one matmul, others elementwise
+)
+def test_mctf_matches_naive_reference(t, r, tau, bidirectional):
     x, size = torch.randn(2, t, 6), torch.randint(1, 5, (2, t)).float()
     attn = torch.rand(2, t) + 0.05
-    dest, num_out = multi_criteria_matching(x, attn, size, r, tau)
-    merged, _ = apply_plan(Plan(dest, size, num_out, normalize=True), x, _state(size))
-    torch.testing.assert_close(merged, _naive_mctf(x, attn, size, r, tau))
+    keep, src, dst = multi_criteria_matching(x, attn, size, r, tau, bidirectional)
+    merged, _ = apply_plan(Plan(keep, size, src, dst, normalize=True), x, _state(size))
+    torch.testing.assert_close(merged, _naive_mctf(x, attn, size, r, tau, bidirectional))
+
+
+def test_mctf_rejects_non_positive_temperatures():
+    with pytest.raises(ValueError, match="tau"):
+        multi_criteria_matching(torch.randn(1, 6, 4), torch.rand(1, 6), torch.ones(1, 6), 2, (1.0, 0.0, 40.0))
+
+
+def test_apply_plan_matches_naive_token_loop():
+    """Gather + scatter-add of the fast path == each slot summed token by token, with weights, sizes,
+    normalisation, dropped tokens, padding and the source map."""
+    torch.manual_seed(0)
+    B, N, C, S = 3, 11, 4, 6
+    x, size = torch.randn(B, N, C), torch.randint(1, 4, (B, N)).float()
+    order = torch.stack([torch.randperm(N) for _ in range(B)])
+    keep, src, dropped = order[:, :S], order[:, S : S + 3], order[:, S + 3 :]
+    dst = torch.randint(0, S, (B, 3))
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, -1] = True  # its seed token counts as dropped
+    weight = torch.rand(B, N) + 0.1
+    source = torch.arange(N).expand(B, N)
+    for normalize in (False, True):
+        plan = Plan(keep, weight, src, dst, normalize=normalize, pad=pad)
+        out, state = apply_plan(plan, x, TokenState(size, source))
+        for b in range(B):
+            for s in range(S):
+                if pad[b, s]:
+                    assert state.size[b, s] == 0
+                    assert not (state.source[b] == s).any()
+                    continue
+                group = [int(keep[b, s])] + [int(i) for i, d in zip(src[b], dst[b], strict=True) if d == s]
+                w = weight[b, group]
+                want = (x[b, group] * w[:, None]).sum(0) / (w.sum() if normalize else 1)
+                torch.testing.assert_close(out[b, s], want)
+                assert state.size[b, s] == size[b, group].sum()
+                assert sorted(state.source[b].eq(s).nonzero().flatten().tolist()) == sorted(group)
+            assert (state.source[b, dropped[b]] == -1).all()
+
+
+def test_attention_received_matches_explicit_softmax():
+    from vitlab.reduce._runtime import _attention_received
+
+    q, k = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    bias = torch.randn(2, 1, 1, 7)
+    logits = (q @ k.transpose(-2, -1)) * 0.5
+    torch.testing.assert_close(_attention_received(q, k, bias, 0.5), (logits + bias).softmax(-1).mean(dim=(1, 2)))
+    torch.testing.assert_close(_attention_received(q, k, None, 0.5), logits.softmax(-1).mean(dim=(1, 2)))
 
 
 def test_evit_keeps_top_attended_and_fuses_the_rest():
@@ -70,6 +122,7 @@ def test_evit_keeps_top_attended_and_fuses_the_rest():
 def test_ats_sampling_matches_naive_inverse_transform():
     torch.manual_seed(1)
     scores = torch.rand(3, 20) ** 4
+    scores[0, :4] = 0.0  # padding tokens: tied CDF values
     scores = scores / scores.sum(1, keepdim=True)
     for k in (4, 8, 20):
         got = sample(scores, k)
@@ -98,3 +151,15 @@ def test_schedules_follow_the_papers():
         evit.schedule(12, keep=0.0)
     with pytest.raises(ValueError, match="layers"):
         ats.schedule(4, layers=[7])
+
+
+def test_ats_export_search_matches_binary_search(monkeypatch):
+    """Under torch.export ATS finds CDF neighbours by counting (ONNX has no searchsorted): same picks."""
+    torch.manual_seed(2)
+    scores = torch.rand(4, 30) ** 3
+    scores[0, :5] = 0.0  # padding: a run of equal CDF values
+    scores = scores / scores.sum(1, keepdim=True)
+    eager = [sample(scores, k) for k in (3, 8, 30)]
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    for k, want in zip((3, 8, 30), eager, strict=True):
+        assert torch.equal(sample(scores, k), want)

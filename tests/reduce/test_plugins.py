@@ -10,7 +10,7 @@ import torch.nn as nn
 import vitlab
 from vitlab import reduce
 from vitlab.reduce import METHODS
-from vitlab.reduce._runtime import ReducingBlock, TokenState, apply_plan
+from vitlab.reduce._runtime import Method, Plan, ReducingBlock, TokenState, apply_plan, prefix_plan
 from vitlab.reduce.tome import bipartite_soft_matching
 
 _VIT = {"depth": 4, "embed_dim": 32, "num_heads": 2, "img_size": 64, "num_classes": 5}
@@ -229,10 +229,79 @@ def _naive_tome(x, metric, size, r):
 @pytest.mark.parametrize(("t", "r"), [(9, 3), (8, 4), (7, 0), (10, 1)])
 def test_tome_merge_matches_naive_reference(t, r):
     x, metric, size = torch.randn(2, t, 5), torch.randn(2, t, 4), torch.randint(1, 4, (2, t)).float()
-    dest, num_out = bipartite_soft_matching(metric, r)
-    from vitlab.reduce._runtime import Plan
-
+    keep, src, dst = bipartite_soft_matching(metric, r)
     state = TokenState(size, torch.arange(t).expand(2, t))
-    merged, new = apply_plan(Plan(dest, size, num_out, normalize=True), x, state)
+    merged, new = apply_plan(Plan(keep, size, src, dst, normalize=True), x, state)
     torch.testing.assert_close(merged, _naive_tome(x, metric, size, r))
     assert torch.equal(new.size.sum(1), size.sum(1))
+
+
+def test_plain_forward_does_not_track_sources(monkeypatch):
+    """The source map costs a scatter and a gather per reduction: only ``forward_with_state`` asks for it."""
+    model, x = _host("vit_tiny")
+    reduce.apply(model, "tome", r=3)
+    seen = []
+    forward = ReducingBlock.forward
+    monkeypatch.setattr(
+        ReducingBlock, "forward", lambda blk, x, state: seen.append(state.source) or forward(blk, x, state)
+    )
+    logits = model(x)
+    assert seen
+    assert all(s is None for s in seen)
+    feats, state = reduce.forward_with_state(model, x)
+    assert state.source is not None
+    torch.testing.assert_close(model.forward_head(feats), logits)
+
+
+def _tokens(model, x):
+    if hasattr(model, "_pos_embed"):  # timm
+        return model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    return model._embed(x)[0]  # layers.IsotropicBackbone
+
+
+def _halve_and_drop_two(signals, state, amount, num_prefix):
+    """A one-step-ahead plan that rescales the tokens it keeps (so their projections cannot be reused)."""
+    B, N, _ = signals.x.shape
+    keep = torch.arange(N - num_prefix - 2).expand(B, -1)
+    return prefix_plan(keep, num_prefix, weight=torch.full_like(state.size, 0.5))
+
+
+AHEAD = {
+    "mctf": METHODS["mctf"],
+    "rescaling": Method("rescale", METHODS["mctf"].schedule, _halve_and_drop_two, frozenset(), before_attn=True),
+}
+
+
+@pytest.mark.parametrize("ahead", sorted(AHEAD))
+def test_reduce_ahead_equals_reducing_then_attending(host, ahead):
+    """A one-step-ahead block reuses the q, k, v of tokens that only moved and projects only fused slots
+    again (MCTF), or everything again when the plan rescales kept tokens: either way the same as reducing
+    first and running a plain block (with the method's attention bias) on the new tokens."""
+    from vitlab.reduce._runtime import Signals, _attn_bias
+
+    model, x = host
+    method, p = AHEAD[ahead], model.num_prefix_tokens
+    with torch.no_grad():
+        tokens = _tokens(model, x)
+        state = TokenState.initial(tokens, p, track_source=True)
+        block = ReducingBlock.adopt(model.blocks[1], method, 6, p)
+        out, new = block(tokens, state)
+        q, k, v = block._split(block.attn.qkv(block.norm1(tokens)))
+        signals = block._signals(q, k, v, _attn_bias(state, method, q.dtype), method.needs)
+        plan = method.plan(Signals(x=tokens, **signals), state, 6, p)
+        reduced, reduced_state = apply_plan(plan, tokens, state)
+        ref, _ = ReducingBlock.adopt(model.blocks[1], method, 0, p)(reduced, reduced_state)  # no reduction
+    assert out.shape[1] < tokens.shape[1]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(new.size, reduced_state.size)
+    assert torch.equal(new.source, reduced_state.source)
+
+
+def test_attention_received_in_chunks(monkeypatch):
+    """A few images at a time (to stay in cache) gives the same column means as the whole batch at once."""
+    from vitlab.reduce import _runtime
+
+    q, k, bias = torch.randn(5, 2, 6, 4), torch.randn(5, 2, 6, 4), torch.randn(5, 1, 1, 6)
+    whole = _runtime._attention_received(q, k, bias, 0.5)
+    monkeypatch.setattr(_runtime, "_SCORE_CHUNK", 2 * 2 * 6 * 6)  # two images per chunk: 3 chunks
+    torch.testing.assert_close(_runtime._attention_received(q, k, bias, 0.5), whole)

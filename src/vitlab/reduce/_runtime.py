@@ -1,10 +1,12 @@
-"""The token-reduction runtime shared by every method: ``TokenState``, plans, ``ReducingBlock``, host checks.
+"""The token-reduction runtime shared by every method: ``ReducingBlock``, ``ReducedBlocks``, host checks.
 
-A method (``tome.py``, ``evit.py``, ``ats.py``, ``mctf.py``) only scores tokens and returns a ``Plan``:
-where every token goes (its output slot) and with what weight. This file applies plans to features,
-sizes and the source map alike, runs the host block's own children with attention on
-``F.scaled_dot_product_attention`` (``log(size)`` as an additive bias gives ToMe's proportional
-attention; size 0 marks padding), and computes only the signals a method declares.
+A method (``tome.py``, ``evit.py``, ``ats.py``, ``mctf.py``) only scores tokens and returns a ``Plan``
+(``_plan.py``: which token seeds each output slot, which tokens are added into which slot, with what
+weight). This file runs the host block's own children with attention on ``layers.attend`` / SDPA
+(``log(size)`` as an additive (B, 1, 1, N) bias gives ToMe's proportional attention and keeps SDPA on its
+fused CPU kernel; size 0 marks padding), computes only the signals a method declares, and applies plans.
+The plain forward does not track the source map; the one-step-ahead pass (MCTF) reuses the projections
+of tokens that only moved.
 Deviation from the reference implementations: no ``__class__`` swap and no per-host forward copy;
 the host block's children are adopted under their own names, so ``state_dict`` keys are unchanged.
 """
@@ -18,12 +20,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from ..layers import Attention as VitlabAttention
-from ..layers import MetaBlock
+from ..layers import MetaBlock, attend
+from ._plan import Plan, TokenState, _flat, apply_plan, prefix_plan
 
 __all__ = [
     "SUPPORTED_HOSTS",
@@ -45,33 +47,6 @@ SUPPORTED_HOSTS = (
 )
 _BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_ATTRS = ("qkv", "proj", "num_heads", "q_norm", "k_norm")
-
-
-class TokenState(NamedTuple):
-    """Per-call token bookkeeping that travels through the blocks with the features."""
-
-    size: torch.Tensor  # (B, N) input patches each token holds; 1 for prefix tokens, 0 for padding
-    source: torch.Tensor  # (B, P) index of the token holding each input patch; -1 once dropped
-
-    @classmethod
-    def initial(cls, x: torch.Tensor, num_prefix: int) -> TokenState:
-        B, N, _ = x.shape
-        size = x.new_ones(B, N, dtype=torch.float32)
-        source = torch.arange(num_prefix, N, device=x.device).expand(B, N - num_prefix)
-        return cls(size, source)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where every token goes: ``dest`` (B, N) output slot (``num_out`` = dropped), ``weight`` (B, N).
-
-    Features land as ``sum(weight * x)`` per slot, divided by ``sum(weight)`` when ``normalize``.
-    """
-
-    dest: torch.Tensor
-    weight: torch.Tensor
-    num_out: int
-    normalize: bool
 
 
 class Signals(NamedTuple):
@@ -108,28 +83,6 @@ class Method:
     needs_cls: bool = False
 
 
-def apply_plan(plan: Plan, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState]:
-    """Apply one plan to features (B, N, C), sizes and the source map."""
-    B, N, C = x.shape
-    slots = plan.num_out + 1  # the last slot collects dropped tokens and is cut off
-    w = plan.weight.to(x.dtype).unsqueeze(-1)
-    out = x.new_zeros(B, slots, C).scatter_add(1, plan.dest.unsqueeze(-1).expand(B, N, C), x * w)
-    if plan.normalize:
-        norm = x.new_zeros(B, slots, 1).scatter_add(1, plan.dest.unsqueeze(-1), w)
-        out = out / norm.clamp_min(1e-12)
-    size = state.size.new_zeros(B, slots).scatter_add(1, plan.dest, state.size)
-    moved = plan.dest.gather(1, state.source.clamp_min(0))
-    source = torch.where((state.source < 0) | (moved == plan.num_out), -1, moved)
-    return out[:, : plan.num_out], TokenState(size[:, : plan.num_out], source)
-
-
-def prefix_plan(dest: torch.Tensor, num_out: int, num_prefix: int, weight: torch.Tensor, normalize: bool) -> Plan:
-    """A plan over all tokens from one over the patch tokens: prefix tokens keep their slots in front."""
-    B = dest.shape[0]
-    head = torch.arange(num_prefix, device=dest.device).expand(B, num_prefix)
-    return Plan(torch.cat([head, dest + num_prefix], 1), weight, num_out + num_prefix, normalize)
-
-
 def _attn_bias(state: TokenState, method: Method, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive attention bias over keys, (B, 1, 1, N): log(size) (proportional) or a padding mask."""
     if method.prop_attn:
@@ -139,6 +92,31 @@ def _attn_bias(state: TokenState, method: Method, dtype: torch.dtype) -> torch.T
     else:
         return None
     return bias.to(dtype)[:, None, None, :]
+
+
+_SCORE_CHUNK = 1 << 21  # logits per chunk of images (8 MiB of float32): the softmax reads them from cache
+
+
+def _attention_received(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention each key receives, averaged over heads and queries: (B, N) from q, k (B, H, N, head_dim).
+
+    The N x N softmax has to be formed for its column sums. The (B, 1, 1, N) key bias rides on one extra
+    channel ([q, 1] . [k, b / s] = q.k + b / s) and the scale s on the matmul, so the matmul writes finished
+    logits (no pass over them adds or scales), and a few images at a time keep the logits in cache between
+    matmul, softmax and sum.
+    """
+    B, H, N, _ = q.shape
+    if bias is not None:
+        q = torch.cat([q, q.new_ones(B, H, N, 1)], -1)
+        k = torch.cat([k, bias.to(k.dtype).transpose(-1, -2).expand(B, H, N, 1) / scale], -1)
+    q, k = q.reshape(B * H, N, -1), k.reshape(B * H, N, -1).transpose(1, 2)
+    step = H * max(1, _SCORE_CHUNK // (H * N * N))  # whole images per chunk
+    unused = q.new_empty(())  # beta=0: the matmul's input term is ignored
+    parts = []
+    for i in range(0, B * H, step):
+        logits = torch.baddbmm(unused, q[i : i + step], k[i : i + step], beta=0, alpha=scale)
+        parts.append(logits.softmax(-1).view(-1, H * N, N).sum(1))  # sum, then one division: cheaper than mean
+    return (torch.cat(parts) if len(parts) > 1 else parts[0]) / (H * N)
 
 
 class ReducingBlock(nn.Module):
@@ -171,18 +149,12 @@ class ReducingBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method.name}, amount={self.amount}"
 
-    def _qkv(self, h: torch.Tensor, with_v: bool = True) -> tuple[torch.Tensor, ...]:
-        """The host attention's q, k (and v), (B, H, N, head_dim) each, with its optional q/k norms."""
+    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The host attention's q, k, v, (B, H, N, head_dim) each, from its qkv projection (B, N, 3 C)."""
         attn = self.attn
-        B, N, _ = h.shape
-        if with_v:
-            qkv = attn.qkv(h)
-        else:  # scoring only (MCTF's one-step-ahead pass): skip the value third of the projection
-            rows = attn.qkv.out_features // 3 * 2
-            bias = None if attn.qkv.bias is None else attn.qkv.bias[:rows]
-            qkv = F.linear(h, attn.qkv.weight[:rows], bias)
-        q, k, *v = qkv.reshape(B, N, 3 if with_v else 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return (attn.q_norm(q), attn.k_norm(k), *v)
+        B, N, _ = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
 
     def _signals(self, q, k, v, bias: torch.Tensor | None, needs: frozenset[str]) -> dict[str, torch.Tensor]:
         """Only the signals the method declares; the N x N matrix is formed only for MCTF's column means."""
@@ -199,20 +171,23 @@ class ReducingBlock(nn.Module):
             if "value_norm" in needs:
                 signals["value_norm"] = v.transpose(1, 2).flatten(2).norm(dim=-1)
             if "attn_received" in needs:
-                logits = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-                signals["attn_received"] = (logits if bias is None else logits + bias).softmax(-1).mean(dim=(1, 2))
+                signals["attn_received"] = _attention_received(q, k, bias, scale)
         return signals
 
-    def _attend(self, h: torch.Tensor, state: TokenState, needs: frozenset[str]) -> tuple[torch.Tensor, dict]:
-        """The host attention around one SDPA call (``log(size)`` or padding bias), plus the signals in ``needs``."""
+    def _attend(
+        self, h: torch.Tensor | None, state: TokenState, needs: frozenset[str], qkv: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """The host attention around one SDPA call (``log(size)`` or padding bias), plus the signals in ``needs``.
+
+        ``qkv``: the projection of ``h`` when already known (then ``h`` is needed only by a gated attention).
+        """
         attn = self.attn
-        q, k, v = self._qkv(h)
+        q, k, v = self._split(attn.qkv(h) if qkv is None else qkv)
         bias = _attn_bias(state, self.method, q.dtype)
         signals = self._signals(q, k, v, bias, needs) if needs else {}
         # timm holds a Dropout module, vitlab's Attention the probability
         drop = getattr(attn.attn_drop, "p", attn.attn_drop) if self.training and hasattr(attn, "attn_drop") else 0.0
-        scale = getattr(attn, "scale", None)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=scale)
+        out = attend(q, k, v, bias, drop, getattr(attn, "scale", None))
         out = out.transpose(1, 2).flatten(2)  # (B, N, H * head_dim)
         if getattr(attn, "norm", None) is not None:
             out = attn.norm(out)
@@ -221,22 +196,56 @@ class ReducingBlock(nn.Module):
         out = attn.proj(out)
         return (attn.proj_drop(out) if hasattr(attn, "proj_drop") else out), signals
 
-    def _reduce(self, x: torch.Tensor, state: TokenState, signals: dict) -> tuple[torch.Tensor, TokenState]:
+    def _reduce(
+        self, x: torch.Tensor, state: TokenState, signals: dict
+    ) -> tuple[torch.Tensor, TokenState, Plan | None]:
         plan = self.method.plan(Signals(x=x, **signals), state, self.amount, self.num_prefix, **self.options)
-        return (x, state) if plan is None else apply_plan(plan, x, state)
+        return (x, state, None) if plan is None else (*apply_plan(plan, x, state), plan)
+
+    def _reduce_ahead(self, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState, tuple]:
+        """One-step-ahead (MCTF): score with this block's attention on its input, then reduce.
+
+        Also returns the new tokens' ``norm1`` output (None unless a gated attention needs it) and qkv projection
+        for the attention that follows. Both are per token, so a slot that only moved takes its token's rows:
+        its features are exactly that token's (weight size / size = 1, or no weights). Only slots that received
+        fused tokens are projected again. (None, None) when the plan weighs tokens otherwise.
+        """
+        attn = self.attn
+        h = self.norm1(x)
+        qkv = attn.qkv(h)
+        q, k, v = self._split(qkv)
+        signals = self._signals(q, k, v, _attn_bias(state, self.method, q.dtype), self.method.needs)
+        size_in = state.size
+        x, state, plan = self._reduce(x, state, signals)
+        if plan is None:
+            return x, state, (h, qkv)
+        if not (plan.weight is None or (plan.normalize and plan.weight is size_in)):
+            return x, state, (None, None)
+        (B, N, _), S = h.shape, x.shape[1]
+        rows = _flat(plan.keep, N)
+        qkv = qkv.reshape(B * N, -1).index_select(0, rows)
+        gated = getattr(attn, "gate", None) is not None
+        h = h.reshape(B * N, -1).index_select(0, rows) if gated else None
+        if plan.merge_dst is not None:
+            slots = _flat(plan.merge_dst, S)  # repeats write identical rows
+            h_new = self.norm1(x.reshape(B * S, -1).index_select(0, slots))
+            qkv.index_copy_(0, slots, attn.qkv(h_new))
+            if gated:
+                h.index_copy_(0, slots, h_new)
+        return x, state, (None if h is None else h.view(B, S, -1), qkv.view(B, S, -1))
 
     def forward(self, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState]:
         method, active = self.method, bool(self.amount)
+        h = qkv = None
         if active and method.before_attn:
-            # one-step-ahead: score with this block's attention on its input, reduce, then attend
-            q, k, *v = self._qkv(self.norm1(x), with_v="value_norm" in method.needs)
-            signals = self._signals(q, k, v[0] if v else None, _attn_bias(state, method, q.dtype), method.needs)
-            x, state = self._reduce(x, state, signals)
+            x, state, (h, qkv) = self._reduce_ahead(x, state)
         after = active and not method.before_attn
-        y, signals = self._attend(self.norm1(x), state, method.needs if after else frozenset())
+        if h is None and qkv is None:
+            h = self.norm1(x)
+        y, signals = self._attend(h, state, method.needs if after else frozenset(), qkv)
         x = x + self.drop_path1(self.ls1(y))
         if after:
-            x, state = self._reduce(x, state, signals)
+            x, state, _ = self._reduce(x, state, signals)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, state
 
@@ -255,19 +264,19 @@ class ReducedBlocks(nn.Sequential):
         self.method = method
         self.num_prefix = num_prefix
 
-    def forward_with_state(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenState | None]:
+    def forward_with_state(self, x: torch.Tensor, track_source: bool = True) -> tuple[torch.Tensor, TokenState | None]:
         state = None
         for blk in self:
             if isinstance(blk, ReducingBlock):
                 if state is None:
-                    state = TokenState.initial(x, self.num_prefix)
+                    state = TokenState.initial(x, self.num_prefix, track_source)
                 x, state = blk(x, state)
             else:
                 x = blk(x)
         return x, state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_state(x)[0]
+        return self.forward_with_state(x, track_source=False)[0]  # the source map costs work nobody reads here
 
 
 def _check_block(block: nn.Module, where: str) -> None:

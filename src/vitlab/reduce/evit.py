@@ -42,13 +42,12 @@ def plan(signals: Signals, state: TokenState, keep: float, num_prefix: int) -> P
     k = math.ceil(keep * t)
     if k >= t:
         return None
-    idx = attn.topk(k, dim=1).indices  # most attended first
-    dest = torch.full((B, t), k, dtype=torch.long, device=attn.device)  # slot k: the fused token
-    dest = dest.scatter(1, idx, torch.arange(k, device=attn.device).expand(B, k))
-    kept = dest < k
-    weight = torch.where(kept, torch.ones_like(attn), attn)  # Sec. 3.2: fused token = sum_i a_i x_i
+    order = attn.argsort(dim=1, descending=True)  # most attended first
+    # slots: the top k, then the fused token, seeded by the best of the rest, which the others join
+    dst = torch.full((B, t - k - 1), k, dtype=torch.long, device=attn.device)
+    weight = attn.scatter(1, order[:, :k], 1.0)  # Sec. 3.2: kept tokens as they are, fused = sum_i a_i x_i
     weight = torch.cat([attn.new_ones(B, num_prefix), weight], 1)
-    return prefix_plan(dest, k + 1, num_prefix, weight, normalize=False)
+    return prefix_plan(order[:, : k + 1], num_prefix, weight=weight, merge_src=order[:, k + 1 :], merge_dst=dst)
 
 
 METHOD = Method("evit", schedule, plan, needs=frozenset({"cls_attn"}), needs_cls=True)

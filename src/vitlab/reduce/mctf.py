@@ -4,18 +4,29 @@
 Lee et al., arXiv:2403.10030, github.com/mlvlab/MCTF.
 At the input of each reducing block, token pairs are scored by three criteria (Sec. 3.2): similarity
 of the tokens themselves ``((cos + 1) / 2) ** (1 / tau_sim)``, informativeness (the inverse of the
-attention each token receives in *this* block, "one-step-ahead", normalised by its maximum)
-``** (1 / tau_info)``, and size (inverse, normalised) ``** (1 / tau_size)``. Bidirectional bipartite
-matching (Sec. 3.3) merges ``r // 2`` tokens A -> B, then the rest B -> the unmerged A tokens, with
-size-weighted averages; proportional attention follows. Defaults are the official evaluation's:
-r = 16, tau = (1, 20, 40), blocks 2..12 of 12.
-Deviation: the "precise" one-step-ahead variant (attention recomputed after fusion, on SDPA) rather
-than the approximate merging of the attention map; prefix tokens stay out of the matching. The
-token-reduction consistency loss of MCTF's fine-tuning is not part of this plug-in.
+attention each token receives in *this* block, "one-step-ahead", averaged over heads and queries,
+normalised by its maximum) ``** (1 / tau_info)``, and size (inverse, normalised) ``** (1 / tau_size)``.
+Bidirectional bipartite matching (Sec. 3.3) merges ``r // 2`` tokens A -> B, then the rest B -> the
+unmerged A tokens, with size-weighted averages; proportional attention follows. Defaults are the official
+evaluation's (``run/eval_deit_s_mctf.sh``): r = 16, tau = (1, 20, 40), blocks 2..12 of 12.
+Scores come from one matmul of the raw tokens, scaled per row and column (with tau_sim = 1 the
+informativeness-size factors fold into that scale, no power is taken): an identity, not an approximation.
+Deviations from the official default (``one_step_ahead=1``, ``pooling_type=1``):
+- the "precise" one-step-ahead (the official ``one_step_ahead=2``): attention is computed again on the
+  fused tokens, on SDPA, instead of fusing the explicit N x N attention map along rows and columns and
+  reusing it. Both form the N x N softmax once for the informativeness; here the q, k, v of tokens that
+  only moved are reused and only the fused slots are projected again, so what differs in cost is one
+  fused SDPA over the remaining tokens in place of two passes over the N x N map and an explicit
+  attention-times-values. Exact, where the official default approximates;
+- fused features are size-weighted averages (ToMe's), where the official default weighs them by size
+  times the attention they receive;
+- prefix tokens (class, distillation, register) stay out of the matching instead of being masked.
+The token-reduction consistency loss of MCTF's fine-tuning is not part of this plug-in.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -37,12 +48,28 @@ def schedule(depth: int, r: int | Sequence[int] = 16, layers: Sequence[int] | No
     return [r if i in set(layers) else 0 for i in range(depth)]
 
 
-def _pair_weight(v: torch.Tensor, tau: float) -> torch.Tensor:
-    """(v_a v_b^T) ** (1 / tau) for the A (even) and B (odd) tokens of v (B, t), normalised by its max."""
-    v = v / v.amax(1, keepdim=True)
-    return (v[:, ::2, None] * v[:, None, 1::2]) ** (1 / tau)
+def _token_weight(attn: torch.Tensor, size: torch.Tensor, tau_info: float, tau_size: float) -> torch.Tensor:
+    """Per-token factor u (B, t) with W_info * W_size of a pair (i, j) = u_i u_j (Eq. 4-5): informativeness is the
+    inverse attention received, size the inverse size, each normalised by its maximum (as the official code)."""
+    info = attn.amin(1, keepdim=True) / attn  # (1 / a) / max(1 / a)
+    small = size.amin(1, keepdim=True) / size
+    return info ** (1 / tau_info) * small ** (1 / tau_size)
 
 
+def _pair_scores(x: torch.Tensor, u: torch.Tensor, tau_sim: float) -> torch.Tensor:
+    """Multi-criteria scores (B, ta, tb) of the A (even) and B (odd) tokens, up to a constant factor:
+    ``(cos_ij + 1) ** (1 / tau_sim) * u_i * u_j``, from the raw dot products (the normalisation is a row and
+    column scale of the (ta, tb) matrix, cheaper than normalising the (t, C) tokens)."""
+    scale = 1 / x.norm(dim=-1)  # (B, t)
+    if tau_sim == 1:  # u_i u_j (cos_ij + 1) = (u_i / |x_i|) (u_j / |x_j|) x_i.x_j + u_i u_j: no pow pass
+        scale = scale * u
+    scores = (x[:, ::2] @ x[:, 1::2].transpose(1, 2)).mul_(scale[:, ::2, None]).mul_(scale[:, None, 1::2])
+    if tau_sim == 1:
+        return scores.add_(u[:, ::2, None] * u[:, None, 1::2])
+    return scores.add_(1).pow_(1 / tau_sim).mul_(u[:, ::2, None]).mul_(u[:, None, 1::2])
+
+
+@torch.no_grad()
 def multi_criteria_matching(
     x: torch.Tensor,
     attn: torch.Tensor,
@@ -50,32 +77,41 @@ def multi_criteria_matching(
     r: int,
     tau: tuple[float, float, float] = (1.0, 20.0, 40.0),
     bidirectional: bool = True,
-) -> tuple[torch.Tensor, int]:
-    """Output slot of each of ``t`` tokens after fusing ``r``; x (B, t, C), attn and size (B, t)."""
-    B, t, _ = x.shape
-    x = x / x.norm(dim=-1, keepdim=True)
-    scores = ((x[:, ::2] @ x[:, 1::2].transpose(1, 2) + 1) / 2) ** (1 / tau[0])
-    scores = scores * _pair_weight(1 / attn, tau[1]) * _pair_weight(1 / size, tau[2])
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MCTF's matching of ``t`` tokens (x (B, t, C), attention received and size (B, t)) that fuses ``r``.
+
+    Returns ``(keep, src, dst)``: the token that seeds each of the ``t - r`` output slots (unmerged A tokens,
+    then unmerged B tokens, each best-matched first) and the ``r`` fused tokens with their slots.
+    """
+    if min(tau) <= 0:
+        raise ValueError(f"MCTF temperatures tau_sim, tau_info, tau_size must be > 0, got {tau}")
+    B = x.shape[0]
+    scores = _pair_scores(x, _token_weight(attn, size, tau[1], tau[2]), tau[0])
     ta, tb = scores.shape[1:]
     r1 = r // 2 if bidirectional else r
     r2 = r - r1
+    ar = torch.arange(max(ta, tb), device=x.device)
     node_max, node_idx = scores.max(-1)
     edge_idx = node_max.argsort(-1, descending=True)
     unm_idx, src_idx = edge_idx[:, r1:], edge_idx[:, :r1]
-    dst_idx = node_idx.gather(1, src_idx)
-    # B -> unmerged A: each B token's best unmerged A partner, from the same scores
-    back = scores.gather(1, unm_idx[..., None].expand(B, ta - r1, tb)).transpose(1, 2)  # (B, tb, ta - r1)
-    node_max2, node_idx2 = back.max(-1)
-    edge_idx2 = node_max2.argsort(-1, descending=True)
-    unm_idx2, src_idx2 = edge_idx2[:, r2:], edge_idx2[:, :r2]
-    ar = torch.arange(max(ta, tb), device=x.device)
-    slot_b = torch.empty_like(node_idx2).scatter_(1, unm_idx2, (ta - r1 + ar[: tb - r2]).expand(B, -1))
-    slot_b = slot_b.scatter_(1, src_idx2, node_idx2.gather(1, src_idx2))
-    slot_a = torch.empty_like(node_idx).scatter_(1, unm_idx, ar[: ta - r1].expand(B, -1))
-    slot_a = slot_a.scatter_(1, src_idx, slot_b.gather(1, dst_idx))
-    dest = torch.empty(B, t, dtype=torch.long, device=x.device)
-    dest[:, ::2], dest[:, 1::2] = slot_a, slot_b
-    return dest, t - r
+    slot_a = torch.empty_like(node_idx).scatter_(1, unm_idx, ar[: ta - r1].expand(B, -1))  # unmerged A only
+    if r2:
+        # B -> unmerged A: each B token's best partner among the A tokens that were not merged away
+        scores.scatter_(1, src_idx.unsqueeze(-1).expand(B, r1, tb), -math.inf)
+        node_max2, node_idx2 = scores.max(1)  # (B, tb), A indices
+        edge_idx2 = node_max2.argsort(-1, descending=True)
+        unm_idx2, src_idx2 = edge_idx2[:, r2:], edge_idx2[:, :r2]
+        slot_b = torch.empty_like(node_idx2).scatter_(1, unm_idx2, (ta - r1 + ar[: tb - r2]).expand(B, -1))
+        slot_b = slot_b.scatter_(1, src_idx2, slot_a.gather(1, node_idx2.gather(1, src_idx2)))
+    else:  # one direction only: every B token keeps a slot of its own
+        unm_idx2 = ar[:tb].expand(B, tb)
+        src_idx2 = unm_idx2[:, :0]
+        slot_b = ta - r1 + unm_idx2
+    keep = torch.cat([2 * unm_idx, 2 * unm_idx2 + 1], 1)
+    src = torch.cat([2 * src_idx, 2 * src_idx2 + 1], 1)
+    # a fused A token follows its B partner, which may itself have moved into an A slot
+    dst = torch.cat([slot_b.gather(1, node_idx.gather(1, src_idx)), slot_b.gather(1, src_idx2)], 1)
+    return keep, src, dst
 
 
 def plan(
@@ -96,8 +132,8 @@ def plan(
         return None
     tau = (tau_sim, tau_info, tau_size)
     attn, size = signals.attn_received[:, num_prefix:], state.size[:, num_prefix:]
-    dest, num_out = multi_criteria_matching(x, attn, size, r, tau, bidirectional)
-    return prefix_plan(dest, num_out, num_prefix, state.size, normalize=True)
+    keep, src, dst = multi_criteria_matching(x, attn, size, r, tau, bidirectional)
+    return prefix_plan(keep, num_prefix, weight=state.size, merge_src=src, merge_dst=dst, normalize=True)
 
 
 METHOD = Method("mctf", schedule, plan, needs=frozenset({"attn_received"}), before_attn=True, prop_attn=True)

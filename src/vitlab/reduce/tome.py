@@ -37,11 +37,11 @@ def schedule(depth: int, r: int | Sequence[int] = 0, inflect: float = 0.0) -> li
     return [int(lo + step * i) for i in range(depth)]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, int]:
-    """Output slot of each of ``t`` tokens after merging ``r`` of them; metric (B, t, C).
+def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's matching of ``t`` tokens (metric (B, t, C)) that merges ``r`` of them.
 
-    Output order is ToMe's: unmerged A tokens (most similar first), then all B tokens.
-    Returns ``(dest (B, t), t - r)``.
+    Returns ``(keep, src, dst)``: the token that seeds each of the ``t - r`` output slots, in ToMe's order
+    (unmerged A tokens, most similar first, then all B tokens), and the ``r`` merged A tokens with their slots.
     """
     B, t, _ = metric.shape
     metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -51,20 +51,17 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor,
     edge_idx = node_max.argsort(dim=-1, descending=True)  # (B, ta)
     ta, tb = a.shape[1], b.shape[1]
     unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
-    dst_idx = node_idx.gather(1, src_idx)
-    ar = torch.arange(ta - r, device=metric.device).expand(B, ta - r)
-    dest_a = torch.empty_like(edge_idx).scatter_(1, unm_idx, ar).scatter_(1, src_idx, dst_idx + (ta - r))
-    dest_b = torch.arange(ta - r, ta - r + tb, device=metric.device).expand(B, tb)
-    dest = torch.empty(B, t, dtype=torch.long, device=metric.device)
-    dest[:, ::2], dest[:, 1::2] = dest_a, dest_b
-    return dest, t - r
+    keep = torch.cat([2 * unm_idx, torch.arange(1, t, 2, device=metric.device).expand(B, tb)], 1)
+    return keep, 2 * src_idx, node_idx.gather(1, src_idx) + (ta - r)  # B token j sits in slot ta - r + j
 
 
-def plan(signals: Signals, state: TokenState, r: float, num_prefix: int) -> Plan:
+def plan(signals: Signals, state: TokenState, r: float, num_prefix: int) -> Plan | None:
     keys = signals.keys[:, num_prefix:]
     r = min(int(r), keys.shape[1] // 2)  # ToMe merges at most half the tokens per block
-    dest, num_out = bipartite_soft_matching(keys, r)
-    return prefix_plan(dest, num_out, num_prefix, state.size, normalize=True)
+    if r <= 0:
+        return None
+    keep, src, dst = bipartite_soft_matching(keys, r)
+    return prefix_plan(keep, num_prefix, weight=state.size, merge_src=src, merge_dst=dst, normalize=True)
 
 
 METHOD = Method("tome", schedule, plan, needs=frozenset({"keys"}), prop_attn=True)
