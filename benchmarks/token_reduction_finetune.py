@@ -61,15 +61,11 @@ def finetune(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
 def off_the_shelf(base: torch.nn.Module, method: str, key: str, value: str, batches) -> float:
     import copy
 
+    from token_reduction import top1  # the sibling script's scorer (this directory is on sys.path)
     from vitlab import reduce
 
     model = base if method == "none" else reduce.apply(copy.deepcopy(base), method, **{key: _num(value)})
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    return 100.0 * correct / total
+    return top1(model, batches)
 
 
 def _num(value: str) -> int | float:
