@@ -31,9 +31,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-from .spectral import _real_fft_flops
+from . import spectral  # noqa: F401  # registers the FFT FLOP formulas (complex ones count the packed pairs)
 
 __all__ = ["HyenaFilter", "HyenaMixer", "fft_long_conv", "filter_spectrum", "spectral_long_conv"]
 
@@ -86,16 +85,6 @@ def spectral_long_conv(u: torch.Tensor, k_f: torch.Tensor, ndim: int = 2) -> tor
     out[:half] = y[..., 0]
     out[half:] = y[: batch - half, ..., 1]
     return out.to(u.dtype)
-
-
-def _c2c_flops(x_shape: torch.Size, dim: list[int], *args, **kwargs) -> int:
-    return 2 * _real_fft_flops(x_shape, dim)  # a complex FFT costs two real ones of the same length
-
-
-# NOTE: counts the packed pairs' FFTs like the real FFTs they replace (layers/spectral.py registers those);
-# only where torch has no formula of its own (none as of torch 2.15)
-if torch.ops.aten._fft_c2c not in flop_registry:
-    register_flop_formula(torch.ops.aten._fft_c2c)(_c2c_flops)
 
 
 def fft_long_conv(u: torch.Tensor, k: torch.Tensor, ndim: int = 2) -> torch.Tensor:

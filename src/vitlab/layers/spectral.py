@@ -156,7 +156,16 @@ def _c2r_flops(x_shape: torch.Size, dim: list[int], *args, out_shape: torch.Size
     return _real_fft_flops(out_shape, dim)
 
 
+def _c2c_flops(x_shape: torch.Size, dim: list[int], *args, **kwargs) -> int:
+    return 2 * _real_fft_flops(x_shape, dim)  # a complex FFT costs two real ones (Hyena's packed image pairs)
+
+
 # NOTE: registered once per process and only where torch has no formula of its own (none as of torch 2.15)
-for _op, _formula in ((torch.ops.aten._fft_r2c, _r2c_flops), (torch.ops.aten._fft_c2r, _c2r_flops)):
+_FFT_FORMULAS = (
+    (torch.ops.aten._fft_r2c, _r2c_flops),
+    (torch.ops.aten._fft_c2r, _c2r_flops),
+    (torch.ops.aten._fft_c2c, _c2c_flops),
+)
+for _op, _formula in _FFT_FORMULAS:
     if _op not in flop_registry:
         register_flop_formula(_op)(_formula)
