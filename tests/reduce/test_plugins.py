@@ -201,6 +201,10 @@ def test_bad_hosts_name_what_is_missing():
     nocls = timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", **_VIT)
     with pytest.raises(ValueError, match="cls_token"):
         reduce.apply(nocls, "evit")
+    avg = timm.create_model("vit_tiny_patch16_224", global_pool="avg", **_VIT)
+    with pytest.raises(ValueError, match="global_pool='avg'"):
+        reduce.apply(avg, "ats", keep=0.5)
+    assert reduce.is_reduced(reduce.apply(avg, "tome", r=2))  # merging leaves no padding: any pooling works
     with pytest.raises(ValueError, match="not isotropic"):
         reduce.apply(vitlab.create_model("tiny_vit_1m_28"), "tome")
     post = timm.create_model("vit_tiny_patch16_224", block_fn=timm.models.vision_transformer.ResPostBlock, **_VIT)

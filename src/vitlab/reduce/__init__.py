@@ -83,6 +83,12 @@ def apply(model: nn.Module, method: str, **kwargs: Any) -> nn.Module:
         remove(model)
     _check_isotropic(model)
     check_host(model, spec)
+    pool = getattr(model, "global_pool", "token")
+    if spec.padded and pool != "token":
+        raise ValueError(
+            f"{spec.name} pads images to a common token count, so it needs a host that pools the class token "
+            f"(global_pool='token'); got global_pool={pool!r}, which would let padding slots into the result"
+        )
     sched_kw, options = _split_kwargs(spec, kwargs)
     host = model.blocks
     amounts = spec.schedule(len(host), **sched_kw)
