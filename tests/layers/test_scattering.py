@@ -1,5 +1,5 @@
-"""layers/scattering.py: the DTCWT against pytorch_wavelets and perfect reconstruction; the mixer against a
-naive complex-arithmetic reference."""
+"""layers/dtcwt.py and layers/scattering.py: the DTCWT against pytorch_wavelets and perfect reconstruction;
+the mixer against a naive complex-arithmetic reference."""
 
 import importlib.resources
 import sys

@@ -46,7 +46,8 @@ __all__ += ["GlobalPosEmbed", "LocalPosEmbed", "apply_rope", "grid_positions", "
 from .retention import RETENTION_FORMS, Retention, run_retention_form
 
 __all__ += ["RETENTION_FORMS", "Retention", "run_retention_form"]
-from .scattering import ScatteringMixer, dtcwt2d, idtcwt2d
+from .dtcwt import dtcwt2d, idtcwt2d
+from .scattering import ScatteringMixer
 
 __all__ += ["ScatteringMixer", "dtcwt2d", "idtcwt2d"]
 from .multiscale_scan import SelectiveScan2d

@@ -3,9 +3,9 @@ https://github.com/badripatro/svt (commit fcbc9b3; PAPERS.md row 6).
 
 The hierarchical SVT-H models: a convolutional stem (7x7/2 and two 3x3 conv-BN-ReLU, then a 3x3/2
 projection and LayerNorm), four stages of pre-norm blocks with a PVTv2-style conv FFN (``ConvFfn`` without
-the depthwise residual), the scattering mixer (``layers/scattering.py``: DTCWT, low-band gating, complex
-Einstein-multiplication channel mixing) in stage 1 and multi-head self-attention in stages 2-4, then a
-class-attention block on the mean token and a classifier plus the token-labelling auxiliary head,
+the depthwise residual), the scattering mixer (``layers/scattering.py`` on ``layers/dtcwt.py``: DTCWT,
+low-band gating, complex Einstein-multiplication channel mixing) in stage 1 and multi-head self-attention
+in stages 2-4, then a class-attention block on the mean token and a classifier plus the token-labelling auxiliary head,
 combined as ``head(cls) + 0.5 * max_tokens(aux_head(tokens))`` (the official inference rule).
 Variants S/B/L follow the official ``svt_s/b/l`` entrypoints (channel mixing, as the official ``Block``).
 
