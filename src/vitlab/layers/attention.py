@@ -2,7 +2,10 @@
 
 Families differ in how they build q/k/v and the bias (relative positions, polyline masks, packing masks,
 log-size for proportional attention), never in the softmax, which stays on
-``F.scaled_dot_product_attention`` (fused kernels on CPU and CUDA).
+``F.scaled_dot_product_attention`` (fused kernels on CPU and CUDA). The one exception: when values are
+wider than queries/keys (S2AFormer's channel-compressed strips) no fused kernel applies and SDPA's math
+fallback (with its "safe" softmax) runs 2-6x slower on CPU than the three explicit ops, so ``attend``
+writes them out itself, with SDPA's semantics (bias, bool mask, dropout, fully masked rows -> 0).
 """
 
 from __future__ import annotations
@@ -27,13 +30,34 @@ def attend(
     """``softmax(q kᵀ · scale + bias) v`` for ``q (B, h, N, d)``, ``k, v (B, h, M, d)`` -> ``(B, h, N, d)``.
 
     ``bias``: an additive float tensor broadcastable to ``(B, h, N, M)``, or a bool mask (True = attend).
-    ``scale`` defaults to ``d ** -0.5``.
+    ``scale`` defaults to ``d ** -0.5``. ``v`` may be wider than ``q``/``k`` (``(B, h, M, d_v)`` ->
+    ``(B, h, N, d_v)``); that case runs as explicit ops, every other through SDPA.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attend expects (B, heads, N, head_dim) q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}")
     if bias is not None and bias.dtype != torch.bool and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
+    if q.shape[-1] != v.shape[-1]:
+        return _attend_explicit(q, k, v, bias, dropout_p, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+def _attend_explicit(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float, scale: float | None
+) -> torch.Tensor:
+    """``attend`` as matmul + softmax + matmul, for value widths that differ from the query/key width."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    attn = (q if scale == 1.0 else q * scale) @ k.transpose(-2, -1)  # (B, h, N, M); scale the smaller q
+    empty = None
+    if bias is not None:
+        attn = attn.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else attn + bias
+        empty = attn.isneginf().all(-1, keepdim=True)  # rows with nothing to attend give 0, as in SDPA
+    attn = attn.softmax(-1)
+    if empty is not None:
+        attn = attn.masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, dropout_p)
+    return attn @ v
 
 
 class Attention(nn.Module):

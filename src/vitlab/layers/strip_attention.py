@@ -10,8 +10,8 @@ found). Softmax attention made cheap in two ways at once (the paper's Sec. on SS
 
 Per head the attention costs ``N * N' * (qk_dim / h + C / h)`` multiply-accumulates instead of ``2 N² C / h``.
 With ``sr_ratio=1`` and ``qk_dim=dim`` it is plain multi-head self-attention (a test checks this against
-``layers.Attention``). The softmax runs through ``attend`` (``F.scaled_dot_product_attention``, whose value
-width may differ from the query/key width).
+``layers.Attention``). The softmax runs through ``attend``, which handles values wider than queries/keys (there
+as three explicit ops: SDPA has no fused kernel for that case and its math fallback is several times slower).
 
 Reconstruction: the paper's text describes the two compressions; the exact widths (how far Q/K are
 compressed), the LayerNorm after the reduction (as PVT/CMT do) and the zero padding of grids that the stride
@@ -91,7 +91,11 @@ class StripAttention(nn.Module):
             m = F.pad(m, (0, -grid[1] % s, 0, -grid[0] % s))  # zero-pad right/bottom to whole s x s cells
         return self.norm(map_to_tokens(self.sr(m))[0])
 
-    def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
+    def attend_heads(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
+        """The heads' concatenated attention output before the output projection: ``(B, N, C)``.
+
+        Split from ``forward`` so a block can fuse ``proj`` with its residual add (S2AFormer's inference path).
+        """
         B, N, C = x.shape
         h = self.num_heads
         q = self.q(x).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, qk_dim / h)
@@ -99,4 +103,7 @@ class StripAttention(nn.Module):
         k = k.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, N', qk_dim / h)
         v = v.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, N', C / h)
         x = attend(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        return x.transpose(1, 2).reshape(B, N, C)
+
+    def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.attend_heads(x, grid)))
