@@ -3,6 +3,7 @@ FLOP counting, the MS2D mixer's inference and autograd paths against its routes 
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -209,6 +210,15 @@ def test_ms2d_mixer_equals_naive_routes(grid, d_state, monkeypatch):
 
 def _forbidden(*args, **kwargs):
     raise AssertionError("the inference forward took the vectorised scan")
+
+
+def test_ms2d_inference_path_gates_with_the_configured_activation():
+    # the step-by-step path projects z step by step and gates it; with GELU it must match the routes written out
+    m = SelectiveScan2d(8, act_layer=nn.GELU).double().eval()
+    m._steps, m._fused_min_numel, m._s6 = 2, 0, _forbidden
+    x = torch.randn(2, 4 * 6, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, (4, 6)), m.forward_routes(x, (4, 6)), rtol=1e-10, atol=1e-10)
 
 
 def test_ms2d_inference_scan_on_a_larger_map_and_past_the_softplus_threshold():

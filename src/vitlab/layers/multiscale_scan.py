@@ -11,9 +11,14 @@ Inference (no autograd, ``d_state = 1`` as in MSVMamba) runs each scan step by s
 with everything of a step fused while its slices are in cache (``linear_recurrence.py`` explains the
 chunking): pass 1 computes ``dt``, the decay and the input and scans each chunk from state 0, a short
 recurrence gives the chunk carries, pass 2 rescans from them and applies ``C``, ``D``, the LayerNorm and,
-at full scale, the upsampled half-scale branch, the SE mean and the SiLU(z) gate; the SE gate itself is
-folded into ``out_proj``. At half scale ``dt``, decay and input depend on the pixel only, so they are computed
-once per pixel, not once per route. With autograd the same function runs vectorised (``chunked_recurrence``).
+at full scale, the upsampled half-scale branch, the SE mean and the SiLU(z) gate, ``z`` being projected step
+by step there (a small matmul whose output stays in cache, not a full-size map written out and read back);
+the SE gate itself is folded into ``out_proj``. At half scale ``dt``, decay and input depend on the pixel only,
+so they are computed once per pixel, not once per route. With autograd the same function runs vectorised
+(``chunked_recurrence``). On CPU these passes are bound by memory traffic and per-op overhead, not
+arithmetic: a closed form per chunk (``h_t = e^{S_t} (h_0 + cumsum(e^{-S} b))``, ``S = cumsum(log a)``) needs
+more full passes than the recurrence's two and ``torch.cumsum`` costs 2x a multiply along the last dim
+(10x or more along a leading one), so it was measured slower and is not used.
 
 Deviations: none in the function (it is the official one; tests compare both paths with the routes written
 out, in fp64). Rounding differs, and softplus is ``log1p(exp(x))`` without its ``x > 20`` branch when no
@@ -220,8 +225,8 @@ class SelectiveScan2d(nn.Module):
         a_, b_, u_, Bs, Cs = (t.unbind(0) for t in (a, b, u, x_dbl[..., rank, None], x_dbl[..., rank + 1, None]))
         for t, dts in enumerate(xd[..., :rank].unbind(0)):
             dt = softplus(torch.addmm(bias, dts, W)).view(m, n, B, d)
-            torch.exp(torch.mul(dt, A[:, 0], out=a_[t]), out=a_[t])
-            torch.mul(dt, u_[t], out=b_[t]).mul_(Bs[t])
+            torch.exp(torch.mul(dt, A[:, 0]), out=a_[t])  # a_, b_ (streamed to memory) written once each
+            torch.mul(dt.mul_(Bs[t]), u_[t], out=b_[t])
             h, h_next = torch.addcmul(b_[t], a_[t], h, out=h_next), h
             decay.mul_(a_[t])
         seq = lambda t: t.transpose(0, 1).reshape(n * m, B, d)  # noqa: E731  chunks in sequence order
@@ -274,7 +279,6 @@ class SelectiveScan2d(nn.Module):
         x = x.reshape(B, H, W, C).permute(2, 1, 0, 3).contiguous()
         xm = F.linear(x, self.in_proj.weight[:d])
         u, us = act(_conv_transposed(self.conv2d, xm)), act(_conv_transposed(self.conv2d_b1, xm))
-        z = F.linear(x, self.in_proj.weight[d:])
         # half scale: the three routes as one gathered sequence of 3hw tokens in n1 chunks, step-major
         w, h = us.shape[:2]
         T1 = _divisor(3 * h * w, self._steps)
@@ -296,14 +300,16 @@ class SelectiveScan2d(nn.Module):
             T0 = _divisor(W, self._steps)  # each row cut into m chunks of T0 steps
             split = lambda t: t.view(W // T0, T0, H, B, -1).transpose(0, 1)  # noqa: E731  (T0, m, H, B, .)
             y, total = torch.empty_like(u), None
-            ys_, z_, y_ = (split(t).unbind(0) for t in (ys, z, y))
+            ys_, x_, y_ = (split(t).unbind(0) for t in (ys, x, y))
+            w_z = self.in_proj.weight[d:].t().expand(W // T0, -1, -1)  # z projected step by step, never stored whole
             for t, y_t in self._s6_steps(split(u), split(F.linear(u, self.x_proj_weight[0])), 0):
                 y_t += ys_[t]
                 total = y_t.clone() if total is None else total.add_(y_t)
-                torch.mul(y_t, act(z_[t]), out=y_[t])
+                z_t = torch.bmm(x_[t].flatten(1, 2), w_z).view_as(y_t)
+                torch.mul(y_t, act(z_t), out=y_[t])
             mean = total.sum((0, 1)) / L
         else:
-            y = self._s6(u, F.linear(u, self.x_proj_weight[0]), 0) + ys
+            y, z = self._s6(u, F.linear(u, self.x_proj_weight[0]), 0) + ys, F.linear(x, self.in_proj.weight[d:])
             y, mean = y * self.act(z), y.mean((0, 1))
         weight = self.out_proj.weight
         if isinstance(self.se, SEModule):  # the gate scales channels: fold it into out_proj, per image
