@@ -37,7 +37,9 @@ SETTINGS = {  # per method: the keyword swept and its values, mildest first (r f
     "evit": ("keep", [0.9, 0.8, 0.7, 0.6, 0.5]),
     "ats": ("keep", [1.0, 0.75, 0.5, 0.35, 0.25]),
     "mctf": ("r", [4, 8, 12, 16, 20]),
+    "mctf_approx": ("r", [12, 16, 20]),  # MCTF with the official evaluation's approximate one-step-ahead
 }
+VARIANT_OF = {"mctf_approx": ("mctf", {"one_step_ahead": "approx"})}  # table label -> (method, fixed options)
 
 
 def _values(method: str, depth: int) -> tuple[str, list]:
@@ -118,7 +120,8 @@ def sweep(base, batches, timing_x, flops_x, args, label: str, with_acc: bool) ->
         key, values = _values(method, len(base.blocks))
         for value in values:
             rows.append(dict(model=label, method=method, setting=f"{key}={value}"))
-            models.append(reduce.apply(shared_copy(base), method, **{key: value}))
+            name, fixed = VARIANT_OF.get(method, (method, {}))
+            models.append(reduce.apply(shared_copy(base), name, **{key: value}, **fixed))
     for row, model in zip(rows, models, strict=True):
         row["top1"] = top1(model, batches) if with_acc else None
         row["gflops"] = gflops(model, flops_x)
@@ -181,7 +184,7 @@ def draw(base, image: torch.Tensor, args: argparse.Namespace) -> None:
     big = np.asarray(Image.fromarray((gray.numpy() * 255).astype(np.uint8)).resize((224, 224)), dtype=np.float32)
     rgb = np.repeat(big[..., None] / 255.0, 3, axis=2)
     panels = []
-    for method in args.methods:
+    for method in [m for m in args.methods if m not in VARIANT_OF]:  # a variant merges as its method does
         key, values = _values(method, len(base.blocks))
         model = reduce.apply(shared_copy(base), method, **{key: values[2]})
         with torch.no_grad():

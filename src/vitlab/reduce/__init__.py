@@ -74,8 +74,9 @@ def apply(model: nn.Module, method: str, **kwargs: Any) -> nn.Module:
 
     Keywords are the method's: ToMe ``r`` (int or per-block list), ``inflect``; EViT ``keep``,
     ``layers``; ATS ``keep``, ``layers``, ``pad_to_budget``; MCTF ``r``, ``layers``, ``tau_sim``,
-    ``tau_info``, ``tau_size``, ``bidirectional``. The per-block schedule is fixed here. Blocks before
-    the first reducing one stay the host's own, so a schedule of zeros leaves outputs bit-exact.
+    ``tau_info``, ``tau_size``, ``bidirectional``, ``one_step_ahead`` (``"precise"`` or the official
+    evaluation's ``"approx"``). The per-block schedule is fixed here. Blocks before the first reducing
+    one stay the host's own, so a schedule of zeros leaves outputs bit-exact.
     Applying again replaces the previous method.
     """
     spec = _get_method(method)

@@ -55,15 +55,20 @@ def _flat(idx: torch.Tensor, n: int) -> torch.Tensor:
     return (idx + torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * n).flatten()
 
 
-def _moved_sources(plan: Plan, source: torch.Tensor, N: int) -> torch.Tensor:
-    """The source map after ``plan``: each patch follows its token to that token's slot, or to -1 if dropped."""
+def _slots(plan: Plan, N: int) -> torch.Tensor:
+    """(B, N) the output slot each of the N tokens lands in (seeds one, or is added into one), -1 if dropped."""
     B, S = plan.keep.shape
     keep = plan.keep if plan.pad is None else plan.keep.masked_fill(plan.pad, N)  # padding seeds no token
-    dest = torch.full((B, N + 1), -1, dtype=torch.long, device=source.device)  # column N: padding, never read
-    dest = dest.scatter(1, keep, torch.arange(S, device=source.device).expand(B, S))
+    dest = torch.full((B, N + 1), -1, dtype=torch.long, device=keep.device)  # column N: padding, never read
+    dest = dest.scatter(1, keep, torch.arange(S, device=keep.device).expand(B, S))
     if plan.merge_src is not None:
         dest = dest.scatter(1, plan.merge_src, plan.merge_dst)
-    return torch.where(source < 0, -1, dest.gather(1, source.clamp_min(0)))
+    return dest[:, :N]
+
+
+def _moved_sources(plan: Plan, source: torch.Tensor, N: int) -> torch.Tensor:
+    """The source map after ``plan``: each patch follows its token to that token's slot, or to -1 if dropped."""
+    return torch.where(source < 0, -1, _slots(plan, N).gather(1, source.clamp_min(0)))
 
 
 def apply_plan(plan: Plan, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState]:
@@ -87,7 +92,14 @@ def apply_plan(plan: Plan, x: torch.Tensor, state: TokenState) -> tuple[torch.Te
         size = size.masked_fill(plan.pad, 0.0)
     rows = x.reshape(B * N, C)
     out = rows.index_select(0, _flat(keep, N)).view(B, S, C)
-    if w_keep is not None:
+    if w_keep is not None and plan.normalize and weight is state.size:
+        # size-weighted means (ToMe, MCTF): a slot nothing merges into keeps its token as is (size / size is
+        # exactly 1), so only the slots that receive tokens are scaled, not every row
+        if src is not None:
+            slots = out.view(B * S, C)
+            at = _flat(dst, S)  # repeats write identical rows
+            slots.index_copy_(0, at, slots.index_select(0, at).mul_(w_keep.gather(1, dst).reshape(-1, 1).to(x.dtype)))
+    elif w_keep is not None:
         out.mul_(w_keep.unsqueeze(-1).to(x.dtype))  # in place on the fresh gather: no second buffer
     if src is not None:
         add = rows.index_select(0, _flat(src, N))

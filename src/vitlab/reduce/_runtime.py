@@ -6,7 +6,7 @@ weight). This file runs the host block's own children with attention on ``layers
 (``log(size)`` as an additive (B, 1, 1, N) bias gives ToMe's proportional attention and keeps SDPA on its
 fused CPU kernel; size 0 marks padding), computes only the signals a method declares, and applies plans.
 The plain forward does not track the source map; the one-step-ahead pass (MCTF) reuses the projections
-of tokens that only moved.
+of tokens that only moved, or (``one_step_ahead="approx"``) fuses its attention map instead of attending again.
 Deviation from the reference implementations: no ``__class__`` swap and no per-host forward copy;
 the host block's children are adopted under their own names, so ``state_dict`` keys are unchanged.
 """
@@ -14,18 +14,19 @@ the host block's children are adopted under their own names, so ``state_dict`` k
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from ..layers import Attention as VitlabAttention
 from ..layers import MetaBlock, attend
-from ._plan import Plan, TokenState, _flat, apply_plan, prefix_plan
+from ._plan import Plan, TokenState, _flat, _slots, apply_plan, prefix_plan
 
 __all__ = [
     "SUPPORTED_HOSTS",
@@ -94,29 +95,53 @@ def _attn_bias(state: TokenState, method: Method, dtype: torch.dtype) -> torch.T
     return bias.to(dtype)[:, None, None, :]
 
 
-_SCORE_CHUNK = 1 << 21  # logits per chunk of images (8 MiB of float32): the softmax reads them from cache
+_SCORE_CHUNK = 1 << 15  # logits per chunk: one image at a time unless tiny (DeiT-S: from 197 down to 53 tokens),
+# so its q and k are views of the qkv projection (no copy) and its logits (up to 0.9 MiB) stay in L2; several images
+# per chunk need copies of q and k, and 8 MiB chunks (the old setting) ran 1.3-1.4x slower at batch 64
+AHEAD_MODES = ("precise", "approx")  # MCTF's one-step-ahead variants (option ``one_step_ahead``)
+
+
+def _softmax_chunks(
+    q: torch.Tensor, k: torch.Tensor, weight: torch.Tensor | None, scale: float
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The N x N attention ``softmax(q kᵀ · scale + log weight)`` of q, k (B, H, N, head_dim), whole images at a time.
+
+    Yields ``(e, inv)`` per chunk of n images, in batch order: ``e = exp(logits - row max)`` (n, H * N, N) of the
+    unweighted logits and ``inv`` (n, H * N, 1) the reciprocal of its weighted row sums ``e @ weight``, so that the
+    attention is ``inv * e * weight``. The key weights (B, N) (sizes, for proportional attention; None: all 1)
+    scale ``exp(logits)`` instead of entering the matmul as an additive ``log(size)`` (a (B, 1, 1, N) input term
+    or an extra channel cost the matmul 25-35%), and the softmax's normalisation pass is left to whoever reads
+    ``e`` (a third cheaper than ``softmax``). Each row of ``e`` holds a 1 (its max), so weights >= 1 keep the row
+    sums >= 1. A chunk is small enough to stay in cache from the matmul through whatever reads it next; one
+    image's q and k are strided views of the qkv projection that the matmul reads in place.
+    """
+    B, H, N, d = q.shape
+    step = max(1, _SCORE_CHUNK // (H * N * N))
+    unused = q.new_empty(())  # beta=0: no input term
+    cols = [None] * -(-B // step) if weight is None else weight.unsqueeze(-1).split(step)
+    for qc, kc, w in zip(q.split(step), k.transpose(-1, -2).split(step), cols, strict=True):
+        n = qc.shape[0]
+        logits = torch.baddbmm(unused, qc.reshape(n * H, N, d), kc.reshape(n * H, d, N), beta=0, alpha=scale)
+        top = logits.detach().amax(-1, keepdim=True)  # any shift leaves the attention as it is
+        # in place unless autograd needs the logits: half the working set
+        e = (logits - top).exp() if logits.requires_grad else logits.sub_(top).exp_()
+        e = e.view(n, H * N, N)
+        yield e, (e.sum(-1, keepdim=True) if w is None else torch.bmm(e, w)).reciprocal()
+
+
+def _column_sums(e: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """A ``_softmax_chunks`` chunk's attention summed over heads and queries, (n, N), before the key weights."""
+    return torch.bmm(inv.transpose(1, 2), e).squeeze(1)
 
 
 def _attention_received(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention each key receives, averaged over heads and queries: (B, N) from q, k (B, H, N, head_dim).
-
-    The N x N softmax has to be formed for its column sums. The (B, 1, 1, N) key bias rides on one extra
-    channel ([q, 1] . [k, b / s] = q.k + b / s) and the scale s on the matmul, so the matmul writes finished
-    logits (no pass over them adds or scales), and a few images at a time keep the logits in cache between
-    matmul, softmax and sum.
-    """
-    B, H, N, _ = q.shape
-    if bias is not None:
-        q = torch.cat([q, q.new_ones(B, H, N, 1)], -1)
-        k = torch.cat([k, bias.to(k.dtype).transpose(-1, -2).expand(B, H, N, 1) / scale], -1)
-    q, k = q.reshape(B * H, N, -1), k.reshape(B * H, N, -1).transpose(1, 2)
-    step = H * max(1, _SCORE_CHUNK // (H * N * N))  # whole images per chunk
-    unused = q.new_empty(())  # beta=0: the matmul's input term is ignored
-    parts = []
-    for i in range(0, B * H, step):
-        logits = torch.baddbmm(unused, q[i : i + step], k[i : i + step], beta=0, alpha=scale)
-        parts.append(logits.softmax(-1).view(-1, H * N, N).sum(1))  # sum, then one division: cheaper than mean
-    return (torch.cat(parts) if len(parts) > 1 else parts[0]) / (H * N)
+    """Attention each key receives, averaged over heads and queries: (B, N) from q, k (B, H, N, head_dim) and the
+    key bias (B, 1, 1, N), ``log(size)``. The N x N softmax has to be formed for its column sums."""
+    _, H, N, _ = q.shape
+    weight = None if bias is None else bias.exp().flatten(1)
+    parts = [_column_sums(e, inv) for e, inv in _softmax_chunks(q, k, weight, scale)]  # each chunk while in cache
+    sums = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return (sums if weight is None else sums * weight) / (H * N)  # sum, then one division
 
 
 class ReducingBlock(nn.Module):
@@ -134,6 +159,15 @@ class ReducingBlock(nn.Module):
         self.amount = amount
         self.num_prefix = num_prefix
         self.options = dict(options or {})  # keyword options of the method's plan
+        ahead = self.options.get("one_step_ahead", "precise")
+        if ahead not in AHEAD_MODES:
+            raise ValueError(f"one_step_ahead must be one of {AHEAD_MODES}, got {ahead!r}")
+        if ahead == "approx" and not (method.before_attn and method.needs == {"attn_received"}):
+            raise ValueError(
+                f"one_step_ahead='approx' needs a one-step-ahead method scoring by attention received, "
+                f"not {method.name}"
+            )
+        self.fuse_attn = ahead == "approx"  # fuse this block's attention map instead of attending again
 
     @classmethod
     def adopt(
@@ -175,26 +209,32 @@ class ReducingBlock(nn.Module):
         return signals
 
     def _attend(
-        self, h: torch.Tensor | None, state: TokenState, needs: frozenset[str], qkv: torch.Tensor | None = None
+        self, h: torch.Tensor | None, state: TokenState, needs: frozenset[str], qkv: tuple | None = None
     ) -> tuple[torch.Tensor, dict]:
         """The host attention around one SDPA call (``log(size)`` or padding bias), plus the signals in ``needs``.
 
-        ``qkv``: the projection of ``h`` when already known (then ``h`` is needed only by a gated attention).
+        ``qkv``: q, k, v of ``h`` when already known (then ``h`` is needed only by a gated attention).
         """
         attn = self.attn
-        q, k, v = self._split(attn.qkv(h) if qkv is None else qkv)
+        q, k, v = self._split(attn.qkv(h)) if qkv is None else qkv
         bias = _attn_bias(state, self.method, q.dtype)
         signals = self._signals(q, k, v, bias, needs) if needs else {}
-        # timm holds a Dropout module, vitlab's Attention the probability
-        drop = getattr(attn.attn_drop, "p", attn.attn_drop) if self.training and hasattr(attn, "attn_drop") else 0.0
-        out = attend(q, k, v, bias, drop, getattr(attn, "scale", None))
-        out = out.transpose(1, 2).flatten(2)  # (B, N, H * head_dim)
+        out = attend(q, k, v, bias, self._attn_drop(), getattr(attn, "scale", None))
+        return self._project(out.transpose(1, 2).flatten(2), h), signals
+
+    def _attn_drop(self) -> float:
+        attn = self.attn  # timm holds a Dropout module, vitlab's Attention the probability
+        return getattr(attn.attn_drop, "p", attn.attn_drop) if self.training and hasattr(attn, "attn_drop") else 0.0
+
+    def _project(self, out: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        """The host attention after its softmax: heads (B, N, H * head_dim) -> norm, gate (of ``h``), proj."""
+        attn = self.attn
         if getattr(attn, "norm", None) is not None:
             out = attn.norm(out)
         if getattr(attn, "gate", None) is not None:
             out = out * attn.gate(h).sigmoid()
         out = attn.proj(out)
-        return (attn.proj_drop(out) if hasattr(attn, "proj_drop") else out), signals
+        return attn.proj_drop(out) if hasattr(attn, "proj_drop") else out
 
     def _reduce(
         self, x: torch.Tensor, state: TokenState, signals: dict
@@ -202,47 +242,114 @@ class ReducingBlock(nn.Module):
         plan = self.method.plan(Signals(x=x, **signals), state, self.amount, self.num_prefix, **self.options)
         return (x, state, None) if plan is None else (*apply_plan(plan, x, state), plan)
 
+    def _qkv(self, h: torch.Tensor, parts: slice) -> torch.Tensor:
+        """Part of the host's qkv projection of ``h``: ``parts`` counts in q, k, v (``slice(0, 2)``: q and k)."""
+        qkv = self.attn.qkv
+        D = qkv.weight.shape[0] // 3
+        rows = slice(parts.start * D, parts.stop * D)  # a view of the weight: no copy
+        return F.linear(h, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+
+    def _qk(self, qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (B, H, N, head_dim) from their projection (B, N, 2 D)."""
+        attn = self.attn
+        B, N, _ = qk.shape
+        q, k = qk.reshape(B, N, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k)
+
+    def _v(self, h: torch.Tensor) -> torch.Tensor:
+        """v (B, H, N, head_dim) of ``h`` (B, N, C)."""
+        B, N, _ = h.shape
+        return self._qkv(h, slice(2, 3)).view(B, N, self.attn.num_heads, -1).transpose(1, 2)
+
     def _reduce_ahead(self, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState, tuple]:
         """One-step-ahead (MCTF): score with this block's attention on its input, then reduce.
 
-        Also returns the new tokens' ``norm1`` output (None unless a gated attention needs it) and qkv projection
-        for the attention that follows. Both are per token, so a slot that only moved takes its token's rows:
-        its features are exactly that token's (weight size / size = 1, or no weights). Only slots that received
-        fused tokens are projected again. (None, None) when the plan weighs tokens otherwise.
+        Also returns the new tokens' ``norm1`` output and their q, k, v for the attention that follows. The scores
+        need only q and k of the input; v is projected from the new tokens. q and k are per token, so a slot that
+        only moved takes its token's rows: its features are exactly that token's (weight size / size = 1, or no
+        weights); only slots that received fused tokens are projected again. (None, None) when the plan weighs
+        tokens otherwise.
         """
-        attn = self.attn
         h = self.norm1(x)
-        qkv = attn.qkv(h)
-        q, k, v = self._split(qkv)
-        signals = self._signals(q, k, v, _attn_bias(state, self.method, q.dtype), self.method.needs)
+        qk = self._qkv(h, slice(0, 2))
+        q, k = self._qk(qk)
+        needs = self.method.needs
+        v = self._v(h) if "value_norm" in needs else None
+        signals = self._signals(q, k, v, _attn_bias(state, self.method, q.dtype), needs)
         size_in = state.size
         x, state, plan = self._reduce(x, state, signals)
         if plan is None:
-            return x, state, (h, qkv)
+            return x, state, (h, (q, k, self._v(h) if v is None else v))
         if not (plan.weight is None or (plan.normalize and plan.weight is size_in)):
             return x, state, (None, None)
         (B, N, _), S = h.shape, x.shape[1]
-        rows = _flat(plan.keep, N)
-        qkv = qkv.reshape(B * N, -1).index_select(0, rows)
-        gated = getattr(attn, "gate", None) is not None
-        h = h.reshape(B * N, -1).index_select(0, rows) if gated else None
+        h = self.norm1(x)
+        qk = qk.reshape(B * N, -1).index_select(0, _flat(plan.keep, N))
         if plan.merge_dst is not None:
             slots = _flat(plan.merge_dst, S)  # repeats write identical rows
-            h_new = self.norm1(x.reshape(B * S, -1).index_select(0, slots))
-            qkv.index_copy_(0, slots, attn.qkv(h_new))
-            if gated:
-                h.index_copy_(0, slots, h_new)
-        return x, state, (None if h is None else h.view(B, S, -1), qkv.view(B, S, -1))
+            qk.index_copy_(0, slots, self._qkv(h.reshape(B * S, -1).index_select(0, slots), slice(0, 2)))
+        return x, state, (h, (*self._qk(qk.view(B, S, -1)), self._v(h)))
+
+    def _fuse_ahead(self, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState, torch.Tensor]:
+        """Approximate one-step-ahead (``one_step_ahead="approx"``, the official MCTF evaluation's): this block's
+        attention on its input both scores the tokens and, fused like them, is the attention of the new tokens.
+
+        The fused map keeps the queries' rows as the tokens are fused (same weights) and sums the columns of the
+        keys that share a slot; times the values of the new tokens. Written as ``rows(P @ v[slot])``: each key's
+        column meets the value of the slot its token went to, and the (N, head_dim) product is fused along rows,
+        so the (N, N) map is never gathered. Only q, k are projected from the input, v from the new tokens.
+        Returns the new tokens, their state and the attention branch's output (before ``ls1``).
+        """
+        attn = self.attn
+        B, N, _ = x.shape
+        H = attn.num_heads
+        h = self.norm1(x)
+        q, k = self._qk(self._qkv(h, slice(0, 2)))
+        scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
+        bias = _attn_bias(state, self.method, q.dtype)
+        weight = None if bias is None else bias.exp().flatten(1)  # (B, N) key weights (sizes)
+        chunks, sums = [], []
+        for e, inv in _softmax_chunks(q, k, weight, scale):
+            chunks.append((e, inv))
+            with torch.no_grad():  # the scores only choose tokens; summed while the chunk is in cache
+                sums.append(_column_sums(e, inv))
+        received = torch.cat(sums) if weight is None else torch.cat(sums) * weight
+        state_in = state
+        x, state, plan = self._reduce(x, state, {"attn_received": received / (H * N)})
+        if plan is not None:
+            h = self.norm1(x)
+        S = x.shape[1]
+        v = self._qkv(h, slice(2, 3))  # (B, S, D)
+        D = v.shape[-1]
+        if plan is not None:  # each token's key meets the value of its slot
+            v = v.reshape(B * S, D).index_select(0, _flat(_slots(plan, N), S)).view(B, N, D)
+        if weight is not None:  # attention = inv * e * weight: the weights go on the values' rows
+            v = v.mul_(weight.unsqueeze(-1))  # a fresh tensor
+        v = v.view(B, N, H, -1).transpose(1, 2)  # (B, H, N, head_dim)
+        drop = self._attn_drop()  # dropping entries of e drops the same entries of the attention
+        out, i = v.new_empty(B, N, H, v.shape[-1]), 0
+        for e, inv in chunks:
+            n, i = e.shape[0], i + e.shape[0]
+            o = torch.bmm((F.dropout(e, drop) if drop else e).view(n * H, N, N), v[i - n : i].reshape(n * H, N, -1))
+            o = o.view(n, H * N, -1).mul_(inv)
+            out[i - n : i] = o.view(n, H, N, -1).transpose(1, 2)  # (B, N, H, head_dim) rows, written once
+        out = out.view(B, N, D)
+        if plan is not None:  # the queries' rows, fused like the tokens
+            out, _ = apply_plan(plan, out, TokenState(state_in.size))
+        return x, state, self._project(out, h)
 
     def forward(self, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState]:
         method, active = self.method, bool(self.amount)
-        h = qkv = None
-        if active and method.before_attn:
-            x, state, (h, qkv) = self._reduce_ahead(x, state)
         after = active and not method.before_attn
-        if h is None and qkv is None:
-            h = self.norm1(x)
-        y, signals = self._attend(h, state, method.needs if after else frozenset(), qkv)
+        if active and self.fuse_attn:
+            x, state, y = self._fuse_ahead(x, state)
+        else:
+            h = qkv = None
+            if active and method.before_attn:
+                x, state, (h, qkv) = self._reduce_ahead(x, state)
+            if h is None and qkv is None:
+                h = self.norm1(x)
+            y, signals = self._attend(h, state, method.needs if after else frozenset(), qkv)
         x = x + self.drop_path1(self.ls1(y))
         if after:
             x, state, _ = self._reduce(x, state, signals)
