@@ -33,13 +33,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {  # per method: the keyword swept and its values, mildest first (r for 12 blocks, scaled by depth)
-    "tome": ("r", [4, 8, 12, 16, 20]),
+    "tome": ("r", [8, 12, 16, 20, 24]),  # ToMe clips r to half the tokens a block holds
+    "tome_decreasing": ("r", [12, 16, 20]),  # ToMe's decreasing schedule: 2r at the first block down to 0
     "evit": ("keep", [0.9, 0.8, 0.7, 0.6, 0.5]),
     "ats": ("keep", [1.0, 0.75, 0.5, 0.35, 0.25]),
     "mctf": ("r", [4, 8, 12, 16, 20]),
     "mctf_approx": ("r", [12, 16, 20]),  # MCTF with the official evaluation's approximate one-step-ahead
 }
-VARIANT_OF = {"mctf_approx": ("mctf", {"one_step_ahead": "approx"})}  # table label -> (method, fixed options)
+VARIANT_OF = {
+    "mctf_approx": ("mctf", {"one_step_ahead": "approx"}),
+    "tome_decreasing": ("tome", {"inflect": -1.0}),
+}  # table label -> (method, fixed options)
 
 
 def _values(method: str, depth: int) -> tuple[str, list]:
