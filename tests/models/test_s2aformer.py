@@ -7,7 +7,7 @@ import torch
 
 import vitlab
 from vitlab.bench import count_flops, count_flops_meta, count_params_meta
-from vitlab.layers import StripAttention
+from vitlab.layers import StripAttention, cpu_fusion
 from vitlab.models import s2aformer
 from vitlab.models.s2aformer import VARIANTS, HybridPerceptionBlock
 
@@ -91,7 +91,7 @@ def test_bad_configuration_is_refused():
         HybridPerceptionBlock(8, lambda d: StripAttention(d), mlp_ratio=0)
 
 
-@pytest.mark.skipif(not s2aformer._fused_ops_work(), reason="this torch has no usable oneDNN fused ops")
+@pytest.mark.skipif(not cpu_fusion._fused_ops_work(), reason="this torch has no usable oneDNN fused ops")
 def test_fused_cpu_inference_path_equals_the_modules(monkeypatch):
     torch.manual_seed(0)
     model = vitlab.create_model("s2aformer_tiny", **{**_TINY, "num_classes": 5}).eval()
@@ -99,8 +99,10 @@ def test_fused_cpu_inference_path_equals_the_modules(monkeypatch):
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2.0)
         torch.nn.init.normal_(bn.weight)
-    fused, fusable = [], s2aformer._fusable
-    monkeypatch.setattr(s2aformer, "_fusable", lambda x, module: fused.append(fusable(x, module)) or fused[-1])
+    fused, fusable = [], s2aformer.fused_inference_ok
+    monkeypatch.setattr(
+        s2aformer, "fused_inference_ok", lambda x, module: fused.append(fusable(x, module)) or fused[-1]
+    )
     x = torch.randn(2, 3, 40, 36)  # odd grids: the K/V reduction pads
     expected = model(x)  # autograd on: the plain modules
     assert fused

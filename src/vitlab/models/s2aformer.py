@@ -16,7 +16,7 @@ SSA reduces K/V spatially (depthwise strided conv) and compresses Q/K to a few c
 
 CPU inference (eval mode, no autograd, float32) takes a fused path with the same parameters and math: the
 stem's BatchNorm folded into its convs, ``DWConv(x) + x`` as one depthwise conv, and biases, GELUs and
-residual adds fused into oneDNN matmuls/convs (``_forward_fused``; a test checks it against the modules).
+residual adds fused into oneDNN matmuls/convs (``layers/cpu_fusion.py``; a test checks it against the modules).
 
 Reconstructed, not from the paper (whose architecture table could not be read here: only the abstract and
 third-party summaries of Sec. III were reachable, and there is no official code):
@@ -31,14 +31,12 @@ third-party summaries of Sec. III were reachable, and there is no official code)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, Mlp
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..layers import (
     ConvDownsample,
@@ -47,6 +45,9 @@ from ..layers import (
     HierarchicalBackbone,
     Stage,
     StripAttention,
+    fused_conv,
+    fused_inference_ok,
+    fused_linear,
     map_to_tokens,
     tokens_to_map,
 )
@@ -60,72 +61,6 @@ S2AFORMER = Paper(
     "2505.22195",
     "https://arxiv.org/abs/2505.22195",  # no official repository found; see the module docstring
 )
-
-
-# Inference on CPU: oneDNN's fused matmul/conv ops (the ones torch.compile emits on CPU) apply the bias, the
-# exact GELU or the residual add inside the kernel. S2AFormer is narrow (32-256 channels) at high resolution,
-# so its time goes to memory passes over activations rather than to multiply-adds; fusing them makes its
-# forward ~1.3x faster (1 thread, batch 32, 224 px). Same parameters, same math (fp32 rounding only).
-_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-_CONV = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-
-
-@cache
-def _fused_ops_work() -> bool:
-    """The oneDNN ops are private to torch: probe them once on tiny inputs against the plain ops, so a torch
-    whose ops are missing, renamed or re-signatured falls back to the modules instead of failing."""
-    if _LINEAR is None or _CONV is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        with torch.no_grad():
-            x, w, b, r = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5), torch.randn(3, 5)
-            ok = torch.allclose(_LINEAR(x, w, b, "gelu", [], "none"), F.gelu(F.linear(x, w, b)), atol=1e-5)
-            ok &= torch.allclose(_LINEAR.binary(x, r, w, b, "add"), F.linear(x, w, b) + r, atol=1e-5)
-            m, cw, cb = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3), torch.randn(2)
-            fused = _CONV(m, cw, cb, [1, 1], [1, 1], [1, 1], 2, "gelu", [], "none")
-            ok &= torch.allclose(fused, F.gelu(F.conv2d(m, cw, cb, 1, 1, 1, 2)), atol=1e-5)
-        return bool(ok)
-    except (RuntimeError, TypeError):  # pragma: no cover - depends on the torch build
-        return False
-
-
-def _fusable(x: torch.Tensor, module: nn.Module) -> bool:
-    """Take the fused path: CPU float32 inference, no autograd, and no dispatch mode (FLOP counter, fake
-    tensors), tracer or compiler that would not know the oneDNN ops (they also have no autograd formulas)."""
-    return (
-        not module.training
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not is_in_torch_dispatch_mode()
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and _fused_ops_work()
-    )
-
-
-def _linear(x: torch.Tensor, fc: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``fc(x)``, then exact GELU or ``+ residual``, as one fused oneDNN matmul; ``(..., C_in) -> (..., C_out)``."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if residual is not None:
-        out = _LINEAR.binary(x2, residual.reshape(x2.shape[0], -1), fc.weight, fc.bias, "add")
-    else:
-        out = _LINEAR(x2, fc.weight, fc.bias, "gelu" if gelu else "none", [], "none" if gelu else None)
-    return out.view(*x.shape[:-1], fc.out_features)
-
-
-def _conv(
-    x: torch.Tensor,
-    conv: nn.Conv2d,
-    gelu: bool = False,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``conv(x)``, optionally with another ``weight``/``bias`` (folded forms), then exact GELU, fused."""
-    weight = conv.weight if weight is None else weight
-    bias = conv.bias if bias is None else bias
-    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    return _CONV(x, weight, bias, *geometry, "gelu" if gelu else "none", [], "none" if gelu else None)
 
 
 class _ConvStem(nn.Sequential):
@@ -142,13 +77,13 @@ class _ConvStem(nn.Sequential):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:  # type: ignore[override]
         # channels-last: the (B, N, C) tokens are then a free view of the stem's output map (no NCHW copies)
         x = x.contiguous(memory_format=torch.channels_last)
-        if not _fusable(x, self):
+        if not fused_inference_ok(x, self):
             return map_to_tokens(super().forward(x))
         for layer in self:  # BatchNorm (running statistics) folded into the conv, GELU fused after it
             bn = layer.bn
             scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
             weight = layer.conv.weight * scale[:, None, None, None]
-            x = _conv(x, layer.conv, gelu=True, weight=weight, bias=bn.bias - bn.running_mean * scale)
+            x = fused_conv(x, layer.conv, gelu=True, weight=weight, bias=bn.bias - bn.running_mean * scale)
         return map_to_tokens(x)
 
 
@@ -184,7 +119,7 @@ class HybridPerceptionBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        if _fusable(x, self) and isinstance(self.attn, StripAttention):
+        if fused_inference_ok(x, self) and isinstance(self.attn, StripAttention):
             return self._forward_fused(x, grid)
         x = x + map_to_tokens(self.local(tokens_to_map(x, grid)))[0]
         x = x + self.drop_path1(self.attn(self.norm1(x), grid))
@@ -197,11 +132,11 @@ class HybridPerceptionBlock(nn.Module):
         k = self.local.kernel_size[0] // 2
         identity = self.local.weight.new_zeros(self.local.weight.shape)
         identity[:, 0, k, k] = 1.0  # DWConv(x) + x is one depthwise conv whose centre taps are raised by 1
-        x = map_to_tokens(_conv(tokens_to_map(x, grid), self.local, weight=self.local.weight + identity))[0]
-        x = _linear(self.attn.attend_heads(self.norm1(x), grid), self.attn.proj, residual=x)
-        h = tokens_to_map(_linear(self.norm2(x), self.lim.fc1), grid)
-        x = _linear(map_to_tokens(_conv(h, self.lim.dwconv, gelu=True))[0], self.lim.fc2, residual=x)
-        return _linear(_linear(self.norm3(x), self.mlp.fc1, gelu=True), self.mlp.fc2, residual=x)
+        x = map_to_tokens(fused_conv(tokens_to_map(x, grid), self.local, weight=self.local.weight + identity))[0]
+        x = fused_linear(self.attn.attend_heads(self.norm1(x), grid), self.attn.proj, residual=x)
+        h = tokens_to_map(fused_linear(self.norm2(x), self.lim.fc1), grid)
+        x = fused_linear(map_to_tokens(fused_conv(h, self.lim.dwconv, gelu=True))[0], self.lim.fc2, residual=x)
+        return fused_linear(fused_linear(self.norm3(x), self.mlp.fc1, gelu=True), self.mlp.fc2, residual=x)
 
 
 def _per_stage(name: str, value: Any, n: int) -> list[Any]:

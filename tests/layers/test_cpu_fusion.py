@@ -1,0 +1,39 @@
+"""layers/cpu_fusion.py: the fused oneDNN ops against the plain modules, and when the fused path is taken."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitlab.layers import cpu_fusion, fused_conv, fused_inference_ok, fused_linear
+
+pytestmark = pytest.mark.skipif(not cpu_fusion._fused_ops_work(), reason="this torch has no usable oneDNN fused ops")
+
+
+def test_fused_linear_and_conv_equal_the_plain_ops():
+    torch.manual_seed(0)
+    fc, x, r = nn.Linear(6, 5), torch.randn(2, 3, 6), torch.randn(2, 3, 5)
+    conv, m = nn.Conv2d(4, 4, 3, 1, 1, groups=4), torch.randn(2, 4, 7, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear(x, fc), fc(x))
+        torch.testing.assert_close(fused_linear(x, fc, gelu=True), F.gelu(fc(x)))
+        torch.testing.assert_close(fused_linear(x, fc, residual=r), fc(x) + r)
+        torch.testing.assert_close(fused_conv(m, conv, gelu=True), F.gelu(conv(m)))
+        w2 = conv.weight * 2
+        torch.testing.assert_close(fused_conv(m, conv, weight=w2), F.conv2d(m, w2, conv.bias, 1, 1, 1, 4))
+
+
+def test_fused_path_only_for_cpu_float32_inference_without_autograd():
+    module, x = nn.Linear(2, 2).eval(), torch.randn(1, 2)
+    assert not fused_inference_ok(x, module)  # autograd on
+    with torch.no_grad():
+        assert fused_inference_ok(x, module)
+        assert not fused_inference_ok(x.double(), module)
+        assert not fused_inference_ok(x, module.train())
+
+
+def test_probe_leaves_the_global_rng_alone():
+    cpu_fusion._fused_ops_work.cache_clear()
+    state = torch.get_rng_state()
+    assert cpu_fusion._fused_ops_work()
+    assert torch.equal(torch.get_rng_state(), state)
