@@ -55,9 +55,9 @@ def _naive_approx_block(block, x, size, r, p):
 @pytest.mark.parametrize("host", sorted(HOSTS))
 @pytest.mark.parametrize("chunk", [1, 1 << 15], ids=["image_by_image", "batch_at_once"])
 def test_approx_block_matches_explicit_fused_map(host, chunk, monkeypatch):
-    from vitlab.reduce import _runtime
+    from vitlab.reduce import _attention_sums
 
-    monkeypatch.setattr(_runtime, "_SCORE_CHUNK", chunk)  # one image per chunk (q, k read in place) or all
+    monkeypatch.setattr(_attention_sums, "_SCORE_CHUNK", chunk)  # one image per chunk (q, k read in place) or all
     torch.manual_seed(0)
     model = HOSTS[host]().eval()
     p, C = model.num_prefix_tokens, model.embed_dim

@@ -94,7 +94,7 @@ def test_apply_plan_matches_naive_token_loop():
 
 
 def test_attention_received_matches_explicit_softmax():
-    from vitlab.reduce._runtime import _attention_received
+    from vitlab.reduce._attention_sums import _attention_received
 
     q, k = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
     bias = torch.randn(2, 1, 1, 7)

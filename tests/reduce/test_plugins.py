@@ -303,9 +303,9 @@ def test_reduce_ahead_equals_reducing_then_attending(host, ahead):
 
 def test_attention_received_in_chunks(monkeypatch):
     """A few images at a time (to stay in cache) gives the same column means as the whole batch at once."""
-    from vitlab.reduce import _runtime
+    from vitlab.reduce import _attention_sums
 
     q, k, bias = torch.randn(5, 2, 6, 4), torch.randn(5, 2, 6, 4), torch.randn(5, 1, 1, 6)
-    whole = _runtime._attention_received(q, k, bias, 0.5)
-    monkeypatch.setattr(_runtime, "_SCORE_CHUNK", 2 * 2 * 6 * 6)  # two images per chunk: 3 chunks
-    torch.testing.assert_close(_runtime._attention_received(q, k, bias, 0.5), whole)
+    whole = _attention_sums._attention_received(q, k, bias, 0.5)
+    monkeypatch.setattr(_attention_sums, "_SCORE_CHUNK", 2 * 2 * 6 * 6)  # two images per chunk: 3 chunks
+    torch.testing.assert_close(_attention_sums._attention_received(q, k, bias, 0.5), whole)
