@@ -89,7 +89,8 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def img_per_s(models: list[torch.nn.Module], x: torch.Tensor, seconds: float, rounds: int) -> list[float]:
     """img/s of each model: ``rounds`` round-robin passes over all of them (so load on the machine hits every
-    model alike), each timing about ``seconds / rounds`` per model; median per model."""
+    model alike), each timing about ``seconds / rounds`` per model after one untimed forward (the first forward
+    after switching models runs on caches and allocator free lists the previous model left); median per model."""
     with torch.no_grad():
         reps = []
         for model in models:  # warm-up, then the forwards that fill one round
@@ -100,6 +101,7 @@ def img_per_s(models: list[torch.nn.Module], x: torch.Tensor, seconds: float, ro
         times: list[list[float]] = [[] for _ in models]
         for _ in range(rounds):
             for model, n, t in zip(models, reps, times, strict=True):
+                model(x)
                 t0 = time.perf_counter()
                 for _ in range(n):
                     model(x)
@@ -246,7 +248,7 @@ def main() -> None:
         f"Fashion-MNIST images), top-1 on "
         f"{args.test_subset} test images. Machine: {m.get('cpu', m)}; {torch.get_num_threads()} threads; "
         f"allocator: {allocator_setting()}; timing batch {args.batch_size}, median of {args.rounds} interleaved "
-        f"rounds (~{args.seconds}s per setting); "
+        f"rounds (~{args.seconds}s per setting, each slice after one untimed forward); "
         f"load average at the end {os.getloadavg()[0]:.1f} (other processes on the machine make img/s noisy).\n"
         f"Command: `{' '.join(sys.argv)}`"
     )
