@@ -7,7 +7,7 @@ import torch
 from timm.layers import apply_rot_embed
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitlab.layers import MIXERS
+from vitlab.layers import MIXERS, polyline_mask
 from vitlab.layers.polyline_mask import (
     AxialPolylinePathAttention,
     PolylinePathAttention,
@@ -85,7 +85,9 @@ def _qkv_lepe(m, x, grid):
     return apply_rot_embed(q, sin, cos), apply_rot_embed(k, sin, cos), v, lepe
 
 
-def test_full_attention_equals_explicit_softmax_of_both_paths():
+@pytest.mark.parametrize("chunk", [1 << 22, 3 * 144], ids=["one_chunk", "three_slices_per_chunk"])
+def test_full_attention_equals_explicit_softmax_of_both_paths(chunk, monkeypatch):
+    monkeypatch.setattr(polyline_mask, "_CHUNK", chunk)  # 2 images x 2 heads: one chunk, or 3 + 1 slices
     torch.manual_seed(0)
     m = PolylinePathAttention(16, num_heads=2).eval()
     grid = (3, 4)
