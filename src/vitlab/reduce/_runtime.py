@@ -138,12 +138,14 @@ class ReducingBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method.name}, amount={self.amount}"
 
-    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The host attention's q, k, v, (B, H, N, head_dim) each, from its qkv projection (B, N, 3 C)."""
+    def _split(self, proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k (and v), (B, H, N, head_dim) each, from the host's qkv projection (B, N, 3 D) or its q, k part
+        (B, N, 2 D); q and k through the host's q_norm / k_norm."""
         attn = self.attn
-        B, N, _ = qkv.shape
-        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return attn.q_norm(q), attn.k_norm(k), v
+        B, N, width = proj.shape
+        parts = width // (attn.qkv.weight.shape[0] // 3)
+        q, k, *v = proj.reshape(B, N, parts, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), *v
 
     def _signals(self, q, k, v, bias: torch.Tensor | None, needs: frozenset[str]) -> dict[str, torch.Tensor]:
         """Only the signals the method declares; the N x N matrix is formed only for MCTF's column means."""
@@ -204,13 +206,6 @@ class ReducingBlock(nn.Module):
         rows = slice(parts.start * D, parts.stop * D)  # a view of the weight: no copy
         return F.linear(h, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
 
-    def _qk(self, qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k (B, H, N, head_dim) from their projection (B, N, 2 D)."""
-        attn = self.attn
-        B, N, _ = qk.shape
-        q, k = qk.reshape(B, N, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return attn.q_norm(q), attn.k_norm(k)
-
     def _v(self, h: torch.Tensor) -> torch.Tensor:
         """v (B, H, N, head_dim) of ``h`` (B, N, C)."""
         B, N, _ = h.shape
@@ -227,7 +222,7 @@ class ReducingBlock(nn.Module):
         """
         h = self.norm1(x)
         qk = self._qkv(h, slice(0, 2))
-        q, k = self._qk(qk)
+        q, k = self._split(qk)
         needs = self.method.needs
         v = self._v(h) if "value_norm" in needs else None
         signals = self._signals(q, k, v, _attn_bias(state, self.method, q.dtype), needs)
@@ -243,7 +238,7 @@ class ReducingBlock(nn.Module):
         if plan.merge_dst is not None:
             slots = _flat(plan.merge_dst, S)  # repeats write identical rows
             qk.index_copy_(0, slots, self._qkv(h.reshape(B * S, -1).index_select(0, slots), slice(0, 2)))
-        return x, state, (h, (*self._qk(qk.view(B, S, -1)), self._v(h)))
+        return x, state, (h, (*self._split(qk.view(B, S, -1)), self._v(h)))
 
     def _fuse_ahead(self, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState, torch.Tensor]:
         """Approximate one-step-ahead (``one_step_ahead="approx"``, the official MCTF evaluation's): this block's
@@ -259,7 +254,7 @@ class ReducingBlock(nn.Module):
         B, N, _ = x.shape
         H = attn.num_heads
         h = self.norm1(x)
-        q, k = self._qk(self._qkv(h, slice(0, 2)))
+        q, k = self._split(self._qkv(h, slice(0, 2)))
         scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
         bias = _attn_bias(state, self.method, q.dtype)
         weight = None if bias is None else bias.exp().flatten(1)  # (B, N) key weights (sizes)
