@@ -22,6 +22,8 @@ __all__ = ["LiveTensorBytes", "peak_forward_bytes"]
 class LiveTensorBytes(TorchDispatchMode):
     """Within the mode, ``live`` is the bytes of storages created inside it that are still referenced."""
 
+    watches_only = True  # runs every op as it is: compiled CPU kernels (layers.scan_cpu) may run under it
+
     def __init__(self) -> None:
         super().__init__()
         self.live = 0

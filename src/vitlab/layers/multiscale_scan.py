@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .block import Grid, tokens_to_map
 from .linear_recurrence import _records, chunked_recurrence, linear_recurrence
+from .scan_cpu import scan_d1, use_kernel
 from .selective_scan import _acc, _mamba_scan_fn, selective_scan
 
 __all__ = ["SelectiveScan2d"]
@@ -263,6 +264,14 @@ class SelectiveScan2d(nn.Module):
             y = torch.addcmul(du.index_select(0, i), h, Cs[t])
             yield t, F.layer_norm(y.to(dtype), (d,), norm.weight, norm.bias, norm.eps)
 
+    def _kernel_scan(self, k: int, u: Tensor, rows: Tensor, out: Tensor, out_rows: Tensor) -> Tensor:
+        """Branch ``k``'s S6 (``d_state = 1``) by the compiled CPU kernel over the pixels ``rows`` of ``u (P, B, d)``
+        in sequence order, normed and added into ``out`` at ``out_rows``."""
+        W, bias, A, D = self._s6_params(k, u, rows.numel())
+        proj = F.linear(u, self.x_proj_weight[k])  # (P, B, rank + 2): dt's low-rank input, then B, C
+        norm = (self.out_norm.weight, self.out_norm.bias, self.out_norm.eps)
+        return scan_d1(proj, u, W.contiguous(), bias, A[:, 0].contiguous(), D, rows, out_rows, out, norm)
+
     def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
         if grid is None:
             raise ValueError("SelectiveScan2d needs grid=(H, W) of the tokens")
@@ -272,10 +281,12 @@ class SelectiveScan2d(nn.Module):
         if L != H * W:
             raise ValueError(f"{L} tokens do not fill grid {tuple(grid)}")
         # maps stored transposed with the batch inside, (W, H, B, .): rows cut into chunks are then step-major.
-        # Inference (d_state 1, large maps, not traced: the softplus shortcut looks at values): step-by-step scans
-        fused = self.d_state == 1 and B * L * d >= self._fused_min_numel and x.device.type != "meta"
-        fused = fused and not _records(x, *self.parameters()) and not torch.compiler.is_compiling()
-        act = partial(F.silu, inplace=True) if fused and type(self.act) is nn.SiLU else self.act
+        # Inference (d_state 1, not traced): the compiled scan, else (large maps: the softplus shortcut looks at
+        # values) step-by-step scans in cache
+        infer = self.d_state == 1 and x.device.type != "meta" and not _records(x, *self.parameters())
+        kernel = infer and use_kernel(x, *self.parameters())
+        fused = infer and not kernel and B * L * d >= self._fused_min_numel and not torch.compiler.is_compiling()
+        act = partial(F.silu, inplace=True) if (fused or kernel) and type(self.act) is nn.SiLU else self.act
         x = x.reshape(B, H, W, C).permute(2, 1, 0, 3).contiguous()
         xm = F.linear(x, self.in_proj.weight[:d])
         u, us = act(_conv_transposed(self.conv2d, xm)), act(_conv_transposed(self.conv2d_b1, xm))
@@ -283,20 +294,27 @@ class SelectiveScan2d(nn.Module):
         w, h = us.shape[:2]
         T1 = _divisor(3 * h * w, self._steps)
         n1 = 3 * h * w // T1
-        idx = _route_index(h, w, T1, x.device)
+        idx = _route_index(h, w, 1 if kernel else T1, x.device)  # kernel: one chunk, the sequence itself
         us = us.reshape(w * h, B, d)
-        x_dbl = F.linear(us, self.x_proj_weight[1])
         ys = torch.zeros_like(us)  # the routes summed back onto their pixels
-        if fused:
-            for t, y in self._s6_routes(us, x_dbl, idx, T1):
+        if kernel:
+            self._kernel_scan(1, us, idx, ys, idx)
+        elif fused:
+            for t, y in self._s6_routes(us, F.linear(us, self.x_proj_weight[1]), idx, T1):
                 ys.index_add_(0, idx[t * n1 : (t + 1) * n1], y)
         else:
+            x_dbl = F.linear(us, self.x_proj_weight[1])
             args = (t.index_select(0, idx).view(T1, n1, B, -1) for t in (us, x_dbl))
             ys.index_add_(0, idx, self._s6(*args, 1).flatten(0, 1))
         ys = F.interpolate(ys.view(1, w, h, B * d).permute(0, 3, 1, 2), (W, H), mode="bilinear", align_corners=False)
         ys = ys.permute(0, 2, 3, 1).reshape(W, H, B, d)
         # full scale, then (y + up) * SiLU(z), and the SE gate's mean of y + up
-        if fused:
+        if kernel:  # row-major sequence over the map stored (W, H): token (i, j) is pixel row j H + i
+            rows = torch.arange(W * H).view(W, H).t().reshape(-1)
+            y = self._kernel_scan(0, u.view(W * H, B, d), rows, ys.view(W * H, B, d), rows).view(W, H, B, d)
+            mean = y.mean((0, 1))
+            y = y.mul_(act(F.linear(x, self.in_proj.weight[d:])))
+        elif fused:
             T0 = _divisor(W, self._steps)  # each row cut into m chunks of T0 steps
             split = lambda t: t.view(W // T0, T0, H, B, -1).transpose(0, 1)  # noqa: E731  (T0, m, H, B, .)
             y, total = torch.empty_like(u), None

@@ -1,0 +1,176 @@
+"""The compiled CPU scan (``layers.scan_cpu``): values against a step-by-step reference, when it is taken, how it
+fails. The pure-PyTorch scans it replaces are tested in test_selective_scan.py."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import vitlab.layers.multiscale_scan as ms
+from vitlab.bench.memory import peak_forward_bytes
+from vitlab.layers import scan_cpu
+from vitlab.layers.multiscale_scan import SelectiveScan2d
+from vitlab.layers.scan_cpu import kernel_available, scan_d1, use_kernel
+
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C compiler: the PyTorch scan runs instead")
+
+
+@pytest.fixture
+def two_threads():
+    """Two threads, so that batch 1 has fewer images than threads (the normed scan then splits channels)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _inputs(P=9, B=3, d=70, rank=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(P, B, rank + 2, generator=g)
+    proj[0, 0, :rank] = 8.0  # a dt pre-activation past softplus' threshold 20
+    u, W = torch.randn(P, B, d, generator=g), torch.randn(rank, d, generator=g)
+    bias, A, D = torch.randn(d, generator=g) - 1, -torch.rand(d, generator=g) * 2, torch.randn(d, generator=g)
+    norm = (torch.randn(d, generator=g), torch.randn(d, generator=g), 1e-5)
+    return proj, u, W, bias, A, D, norm
+
+
+def _reference(proj, u, W, bias, A, D, in_rows, out_rows, out, norm):
+    """The same scan step by step in float64."""
+    proj, u, W, bias, A, D, out = (t.double() for t in (proj, u, W, bias, A, D, out))
+    rank, h = W.shape[0], torch.zeros_like(u[0])
+    for r, o in zip(in_rows.tolist(), out_rows.tolist(), strict=True):
+        dt = F.softplus(bias + proj[r, :, :rank] @ W)
+        h = torch.exp(dt * A) * h + dt * proj[r, :, rank, None] * u[r]
+        y = proj[r, :, rank + 1, None] * h + D * u[r]
+        out[o] += y if norm is None else F.layer_norm(y, y.shape[-1:], norm[0].double(), norm[1].double(), norm[2])
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_scan_equals_stepwise_reference(batch, with_norm, two_threads):
+    proj, u, W, bias, A, D, norm = _inputs(B=batch)
+    norm = norm if with_norm else None
+    in_rows = torch.tensor([3, 0, 8, 8, 1, 5, 2, 7, 4, 6, 0])  # a pixel may come back, as the half-scale routes
+    out_rows = torch.tensor([0, 1, 2, 3, 0, 1, 4, 4, 5, 0, 2])  # and outputs add up on repeated rows
+    out = torch.randn(6, batch, u.shape[-1])
+    expected = _reference(proj, u, W, bias, A, D, in_rows, out_rows, out, norm)
+    got = scan_d1(proj, u, W, bias, A, D, in_rows, out_rows, out.clone(), norm)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda a: {**a, "W": a["W"][:, :5]}, r"W \(rank, d\)"),
+        (lambda a: {**a, "proj": a["proj"][..., :3]}, r"proj \(P, B, rank \+ 2\)"),
+        (lambda a: {**a, "out": a["out"][:, :2]}, r"out \(Q, 3, 70\)"),
+        (lambda a: {**a, "out_rows": a["out_rows"][:2]}, "one length"),
+        (lambda a: {**a, "in_rows": a["in_rows"] + 9}, r"in_rows must lie in \[0, 9\)"),
+        (lambda a: {**a, "out_rows": a["out_rows"] - 1}, r"out_rows must lie in \[0, 4\)"),
+        (lambda a: {**a, "u": a["u"].double()}, "contiguous CPU float32"),
+        (lambda a: {**a, "u": a["u"].transpose(0, 1).contiguous().transpose(0, 1)}, "contiguous CPU float32"),
+        (lambda a: {**a, "norm": (a["norm"][0][:3], a["norm"][1], 1e-5)}, r"norm weight and bias must be \(70,\)"),
+    ],
+)
+def test_bad_inputs_are_named(change, match):
+    proj, u, W, bias, A, D, norm = _inputs()
+    rows = torch.arange(4)
+    args = dict(proj=proj, u=u, W=W, bias=bias, A=A, D=D, in_rows=rows, out_rows=rows, out=torch.zeros(4, 3, 70))
+    with pytest.raises(ValueError, match=match):
+        scan_d1(**change({**args, "norm": norm}))
+
+
+def _naive(m, x, grid):
+    """The mixer's function through its autograd path in float64 (itself tested against the routes written out)."""
+    m64 = SelectiveScan2d(m.out_proj.out_features, act_layer=type(m.act)).double().eval()
+    m64.load_state_dict(m.state_dict())
+    return m64(x.double().requires_grad_(), grid).detach()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("batch", "grid"), [(3, (6, 5)), (1, (4, 7)), (2, (1, 1)), (2, (9, 2))])
+def test_mixer_takes_the_kernel_and_equals_the_reference(batch, grid, monkeypatch, two_threads):
+    m = SelectiveScan2d(40).eval()
+    with torch.no_grad():
+        m.dt_projs_bias[:, :3] = 30.0  # past softplus' threshold
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    calls = []
+    monkeypatch.setattr(ms, "scan_d1", lambda *a: calls.append(len(a)) or scan_d1(*a))
+    monkeypatch.setattr(m, "_s6_steps", _forbidden)
+    monkeypatch.setattr(m, "_s6_routes", _forbidden)
+    x = torch.randn(batch, grid[0] * grid[1], 40)
+    with torch.no_grad():
+        got = m(x, grid)
+    assert len(calls) == 2  # the full-scale scan and the half-scale routes
+    torch.testing.assert_close(got.double(), _naive(m, x, grid), rtol=1e-4, atol=1e-5)
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("the PyTorch inference scan ran where the kernel should")
+
+
+@needs_kernel
+def test_kernel_only_for_float32_inference_and_watching_modes():
+    x = torch.randn(2, 3)
+    assert not use_kernel(x)  # autograd on: the PyTorch scans have the backward
+    with torch.no_grad():
+        assert use_kernel(x)
+        assert not use_kernel(x.double())
+        with FlopCounterMode(display=False):  # the counter sees the PyTorch scan's ops
+            assert not use_kernel(x)
+        watched = []
+        peak_forward_bytes(lambda: watched.append(use_kernel(x)))  # the memory meter only watches
+        assert watched == [True]
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("VITLAB_NO_CPU_KERNELS", "1")
+    scan_cpu._library.cache_clear()
+    try:
+        assert not kernel_available()
+        assert not use_kernel(torch.randn(2))
+        with pytest.raises(RuntimeError, match="not available"):
+            scan_d1(*_inputs()[:6], torch.arange(2), torch.arange(2), torch.zeros(2, 3, 70))
+    finally:
+        monkeypatch.delenv("VITLAB_NO_CPU_KERNELS")
+        scan_cpu._library.cache_clear()
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    if scan_cpu._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(scan_cpu, "_FLAGS", [*scan_cpu._FLAGS, "-fno-such-flag"])
+    scan_cpu._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="did not build"):
+            assert not kernel_available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not kernel_available()  # cached: no second warning
+        m = SelectiveScan2d(16).eval()
+        x = torch.randn(2, 6 * 6, 16)
+        with torch.no_grad():  # the mixer still runs, on the PyTorch scan
+            torch.testing.assert_close(m(x, (6, 6)).double(), _naive(m, x, (6, 6)), rtol=1e-4, atol=1e-5)
+        assert list(tmp_path.glob("kernels/*")) == []  # no torn library left behind
+    finally:
+        monkeypatch.undo()
+        scan_cpu._library.cache_clear()
+
+
+@needs_kernel
+def test_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path))
+    first = scan_cpu._build(scan_cpu._compiler())
+    stamp = first.stat().st_mtime_ns
+    assert first.parent == tmp_path / "kernels"
+    assert first.suffix == ".so"
+    assert scan_cpu._build(scan_cpu._compiler()) == first
+    assert first.stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]
