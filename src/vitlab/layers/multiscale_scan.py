@@ -7,7 +7,10 @@ Layout: maps are stored transposed with the batch inside, ``(W, H, B, C)``, so t
 into row chunks is already step-major (``(steps, chunks, B, C)``) and each scan step reads one contiguous
 slice; the three half-scale routes are one index into the half-size map (no flipped or concatenated copies).
 
-Inference (no autograd, ``d_state = 1`` as in MSVMamba) runs each scan step by step over all chunks at once,
+Inference (no autograd, ``d_state = 1`` as in MSVMamba, CPU float32) runs both scans in the compiled kernel of
+``scan_cpu.py`` when it builds on the machine: one pass per scan with the ``dt`` product, softplus, decay, ``C``,
+``D`` and the LayerNorm fused, the half-scale routes adding onto their pixels and the full scale onto the upsampled
+branch. Otherwise (no compiler, other dtypes, FLOP counting) it runs each scan step by step over all chunks at once,
 with everything of a step fused while its slices are in cache (``linear_recurrence.py`` explains the
 chunking): pass 1 computes ``dt``, the decay and the input and scans each chunk from state 0, a short
 recurrence gives the chunk carries, pass 2 rescans from them and applies ``C``, ``D``, the LayerNorm and,
