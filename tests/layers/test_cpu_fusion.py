@@ -37,3 +37,11 @@ def test_probe_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     assert cpu_fusion._fused_ops_work()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_plus_identity_folds_the_residual_into_a_depthwise_conv():
+    conv = nn.Conv2d(6, 6, (5, 3), padding=(2, 1), groups=6)
+    x = torch.randn(2, 6, 7, 4)
+    folded = F.conv2d(x, cpu_fusion.plus_identity(conv), conv.bias, padding=(2, 1), groups=6)
+    torch.testing.assert_close(folded, conv(x) + x, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(cpu_fusion.plus_identity(conv), conv.weight)  # a copy: the module keeps its weight

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-__all__ = ["fused_conv", "fused_inference_ok", "fused_linear"]
+__all__ = ["fused_conv", "fused_inference_ok", "fused_linear", "plus_identity"]
 
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _CONV = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
@@ -83,3 +83,12 @@ def fused_conv(
     bias = conv.bias if bias is None else bias
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     return _CONV(x, weight, bias, *geometry, "gelu" if gelu else "none", [], "none" if gelu else None)
+
+
+def plus_identity(conv: nn.Conv2d) -> torch.Tensor:
+    """The weight of ``conv(x) + x`` as one conv, for a depthwise ``conv`` with an odd kernel, stride 1 and 'same'
+    padding: its centre taps raised by 1 (a copy; the module keeps its own)."""
+    kh, kw = conv.kernel_size
+    weight = conv.weight.clone()
+    weight[:, 0, kh // 2, kw // 2] += 1.0
+    return weight

@@ -49,6 +49,7 @@ from ..layers import (
     fused_inference_ok,
     fused_linear,
     map_to_tokens,
+    plus_identity,
     tokens_to_map,
 )
 from ._variants import Paper, VariantSpec, build_with_features, register_variants
@@ -129,10 +130,7 @@ class HybridPerceptionBlock(nn.Module):
     def _forward_fused(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         """``forward`` in eval mode (drop paths and dropouts are identities) with bias, GELU and residual adds
         fused into the matmuls and convs. The LIM and MLP use GELU (``ConvFfn``'s and ``Mlp``'s default)."""
-        k = self.local.kernel_size[0] // 2
-        identity = self.local.weight.new_zeros(self.local.weight.shape)
-        identity[:, 0, k, k] = 1.0  # DWConv(x) + x is one depthwise conv whose centre taps are raised by 1
-        x = map_to_tokens(fused_conv(tokens_to_map(x, grid), self.local, weight=self.local.weight + identity))[0]
+        x = map_to_tokens(fused_conv(tokens_to_map(x, grid), self.local, weight=plus_identity(self.local)))[0]
         x = fused_linear(self.attn.attend_heads(self.norm1(x), grid), self.attn.proj, residual=x)
         h = tokens_to_map(fused_linear(self.norm2(x), self.lim.fc1), grid)
         x = fused_linear(map_to_tokens(fused_conv(h, self.lim.dwconv, gelu=True))[0], self.lim.fc2, residual=x)
