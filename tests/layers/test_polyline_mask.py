@@ -57,6 +57,9 @@ def test_mask_equals_path_walk_and_transpose_is_the_other_path(grid):
     torch.testing.assert_close(mask, _naive_mask(alpha, beta, True).double())
     torch.testing.assert_close(mask.T, _naive_mask(alpha, beta, False).double())
     assert torch.all(mask.diagonal() == 0)
+    transposed = polyline_path_mask(alpha[None, None], beta[None, None], transposed=True)  # built, not a view
+    assert transposed.is_contiguous()
+    torch.testing.assert_close(transposed[0, 0], _naive_mask(alpha, beta, False).double())
 
 
 def test_mask_batched_and_manhattan_for_constant_decays():

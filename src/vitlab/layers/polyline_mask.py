@@ -49,11 +49,12 @@ def segment_sum(x: torch.Tensor) -> torch.Tensor:
     return (c[..., :, None] - c[..., None, :]).mul_(sign)  # one pass fewer than torch.where(i >= j, d, -d)
 
 
-def polyline_path_mask(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def polyline_path_mask(alpha: torch.Tensor, beta: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """Log polyline path mask ``(..., H*W, H*W)`` from horizontal / vertical log-decays ``(..., H, W)``.
 
     ``M[(i,j),(k,l)]`` sums ``alpha`` along row ``i`` between columns ``j`` and ``l``, then ``beta`` along
-    column ``l`` between rows ``i`` and ``k`` (horizontal-then-vertical; the transpose is the other path).
+    column ``l`` between rows ``i`` and ``k`` (horizontal-then-vertical). ``transposed``: ``Mᵀ``, the other path,
+    built the same way (a contiguous broadcast sum; reading ``M`` through a transposed view costs 2x more).
     """
     if alpha.shape != beta.shape or alpha.ndim < 2:
         raise ValueError(
@@ -61,10 +62,14 @@ def polyline_path_mask(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         )
     H, W = alpha.shape[-2:]
     row = segment_sum(alpha)  # (..., H, W, W): [i, j, l]
-    # (..., H, H, W): [i, k, l]; contiguous, so the broadcast sum below comes out contiguous (no reshape copy)
-    col = segment_sum(beta.transpose(-1, -2)).movedim(-3, -1).contiguous()
-    mask = row.unsqueeze(-2) + col.unsqueeze(-3)  # (..., H, W, H, W): [i, j, k, l]
-    return mask.view(*alpha.shape[:-2], H * W, H * W)
+    col = segment_sum(beta.transpose(-1, -2))  # (..., W, H, H): [l, i, k]
+    # the small factors are made contiguous in the order they broadcast in, so the sum comes out contiguous
+    if transposed:  # Mᵀ[(i,j),(k,l)] = S_row_k[j, l] + S_col_j[i, k] (segment sums are symmetric)
+        row = row.transpose(-3, -2).contiguous().unsqueeze(-4)  # [1, j, k, l]
+        col = col.transpose(-3, -2).contiguous().unsqueeze(-1)  # [i, j, k, 1]
+    else:
+        row, col = row.unsqueeze(-2), col.movedim(-3, -1).contiguous().unsqueeze(-3)  # [i, j, 1, l], [i, 1, k, l]
+    return (row + col).view(*alpha.shape[:-2], H * W, H * W)
 
 
 _CHUNK = 1 << 22  # N x N elements per chunk of the full form (16 MiB in float32)
@@ -147,9 +152,9 @@ class PolylinePathAttention(nn.Module):
         outs = []
         for i in range(0, B * h, step):
             scores = q[i : i + step] @ k[i : i + step].transpose(-1, -2)  # shared by both paths, as official
-            mask = polyline_path_mask(alpha[i : i + step], beta[i : i + step])[:, 0].to(scores.dtype)
-            attn = (scores + mask).softmax(-1) + (scores + mask.transpose(-1, -2)).softmax(-1)
-            outs.append(attn @ v[i : i + step])
+            a, b = alpha[i : i + step], beta[i : i + step]
+            paths = (polyline_path_mask(a, b, t)[:, 0].to(scores.dtype).add_(scores).softmax(-1) for t in (False, True))
+            outs.append(torch.add(*paths) @ v[i : i + step])
         return [torch.cat(outs).view(B, h, H, W, -1)]
 
     def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
