@@ -19,7 +19,8 @@ needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C compiler:
 
 @pytest.fixture
 def two_threads():
-    """Two threads, so that batch 1 has fewer images than threads (the normed scan then splits channels)."""
+    """Two threads, so that batch 1 at width >= 128 has fewer images than threads (the normed scan then splits
+    channels and normalises in PyTorch)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -49,10 +50,10 @@ def _reference(proj, u, W, bias, A, D, in_rows, out_rows, out, norm):
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(("batch", "dim"), [(1, 70), (3, 70), (1, 130)])  # 1 x 130: more threads than images
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_scan_equals_stepwise_reference(batch, with_norm, two_threads):
-    proj, u, W, bias, A, D, norm = _inputs(B=batch)
+def test_scan_equals_stepwise_reference(batch, dim, with_norm, two_threads):
+    proj, u, W, bias, A, D, norm = _inputs(B=batch, d=dim)
     norm = norm if with_norm else None
     in_rows = torch.tensor([3, 0, 8, 8, 1, 5, 2, 7, 4, 6, 0])  # a pixel may come back, as the half-scale routes
     out_rows = torch.tensor([0, 1, 2, 3, 0, 1, 4, 4, 5, 0, 2])  # and outputs add up on repeated rows
@@ -60,6 +61,48 @@ def test_scan_equals_stepwise_reference(batch, with_norm, two_threads):
     expected = _reference(proj, u, W, bias, A, D, in_rows, out_rows, out, norm)
     got = scan_d1(proj, u, W, bias, A, D, in_rows, out_rows, out.clone(), norm)
     torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_softplus_is_accurate_across_its_range():
+    # one step with W = 0, A = 0, D = 0, u = B = C = 1: out = dt = softplus(bias), down to where it underflows
+    d = 4096
+    bias = torch.linspace(-40, 40, d)
+    proj, u = torch.ones(1, 1, 3), torch.ones(1, 1, d)
+    zeros, row = torch.zeros(d), torch.arange(1)
+    out = scan_d1(proj, u, torch.zeros(1, d), bias, zeros, zeros, row, row, torch.zeros(1, 1, d))
+    torch.testing.assert_close(out[0, 0].double(), F.softplus(bias.double()), rtol=1e-6, atol=0)
+
+
+@needs_kernel
+def test_long_sequence_equals_reference():
+    proj, u, W, bias, A, D, norm = _inputs(P=3000, B=2, d=24, seed=1)
+    rows = torch.arange(3000)
+    expected = _reference(proj, u, W, bias, A, D, rows, rows, torch.zeros(3000, 2, 24), norm)
+    got = scan_d1(proj, u, W, bias, A, D, rows, rows, torch.zeros(3000, 2, 24), norm)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_loading_leaves_the_floating_point_mode_alone():
+    # linked without -ffast-math, whose start-up code would set flush-to-zero for the whole process
+    assert kernel_available()
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-op fallbacks, not ours
+def test_autocast_and_vmap_take_the_pytorch_scan():
+    m = SelectiveScan2d(16).eval()
+    x = torch.randn(3, 2, 9, 16)
+    with torch.no_grad():
+        expected = torch.stack([m(t, (3, 3)) for t in x])
+        torch.testing.assert_close(torch.func.vmap(lambda t: m(t, (3, 3)))(x), expected, rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not use_kernel(x)
+            out = m(x[0], (3, 3))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected[0], rtol=0.1, atol=0.1)
 
 
 @needs_kernel
@@ -75,6 +118,8 @@ def test_scan_equals_stepwise_reference(batch, with_norm, two_threads):
         (lambda a: {**a, "u": a["u"].double()}, "contiguous CPU float32"),
         (lambda a: {**a, "u": a["u"].transpose(0, 1).contiguous().transpose(0, 1)}, "contiguous CPU float32"),
         (lambda a: {**a, "norm": (a["norm"][0][:3], a["norm"][1], 1e-5)}, r"norm weight and bias must be \(70,\)"),
+        (lambda a: {**a, "in_rows": a["in_rows"].float()}, "integer CPU tensors"),
+        (lambda a: {**a, "out": a["u"][:4]}, "must not share memory"),
     ],
 )
 def test_bad_inputs_are_named(change, match):
@@ -93,9 +138,11 @@ def _naive(m, x, grid):
 
 
 @needs_kernel
-@pytest.mark.parametrize(("batch", "grid"), [(3, (6, 5)), (1, (4, 7)), (2, (1, 1)), (2, (9, 2))])
-def test_mixer_takes_the_kernel_and_equals_the_reference(batch, grid, monkeypatch, two_threads):
-    m = SelectiveScan2d(40).eval()
+@pytest.mark.parametrize(
+    ("batch", "grid", "dim"), [(3, (6, 5), 40), (1, (4, 7), 40), (2, (1, 1), 40), (2, (9, 2), 40), (1, (5, 4), 96)]
+)
+def test_mixer_takes_the_kernel_and_equals_the_reference(batch, grid, dim, monkeypatch, two_threads):
+    m = SelectiveScan2d(dim).eval()
     with torch.no_grad():
         m.dt_projs_bias[:, :3] = 30.0  # past softplus' threshold
         for p in m.parameters():
@@ -104,7 +151,7 @@ def test_mixer_takes_the_kernel_and_equals_the_reference(batch, grid, monkeypatc
     monkeypatch.setattr(ms, "scan_d1", lambda *a: calls.append(len(a)) or scan_d1(*a))
     monkeypatch.setattr(m, "_s6_steps", _forbidden)
     monkeypatch.setattr(m, "_s6_routes", _forbidden)
-    x = torch.randn(batch, grid[0] * grid[1], 40)
+    x = torch.randn(batch, grid[0] * grid[1], dim)
     with torch.no_grad():
         got = m(x, grid)
     assert len(calls) == 2  # the full-scale scan and the half-scale routes

@@ -24,12 +24,11 @@ typedef struct {
     float *y;
 } scan_args;
 
-static int scan_lanes(const scan_args *a, int64_t lane_lo, int64_t lane_hi) {
+static void scan_lanes(const scan_args *a, int64_t lane_lo, int64_t lane_hi, float *restrict h) {
     const int64_t dim = a->dim, batch = a->batch, rank = a->rank;
     const float *restrict W = a->W, *restrict bias = a->bias, *restrict A = a->A, *restrict D = a->D;
     const float *restrict ln_w = a->ln_w, *restrict ln_b = a->ln_b;
-    float *restrict h = malloc(sizeof(float) * 3 * (size_t)dim), *restrict xs = h + dim, *restrict ys = h + 2 * dim;
-    if (h == NULL) return 1;
+    float *restrict xs = h + dim, *restrict ys = h + 2 * dim;  // state, dt inputs, outputs of a step
     for (int64_t b = lane_lo / dim; b < batch && b * dim < lane_hi; ++b) {
         const int64_t c0 = lane_lo > b * dim ? lane_lo - b * dim : 0;
         const int64_t c1 = lane_hi < (b + 1) * dim ? lane_hi - b * dim : dim;
@@ -64,8 +63,6 @@ static int scan_lanes(const scan_args *a, int64_t lane_lo, int64_t lane_hi) {
             for (int64_t c = 0; c < dim; ++c) yp[c] += (ys[c] - mean) * rstd * ln_w[c] + ln_b[c];
         }
     }
-    free(h);
-    return 0;
 }
 
 /* All lanes, split between `threads` OpenMP threads (torch's own pool: the library links libgomp.so.1, which
@@ -77,9 +74,11 @@ int vitlab_scan_d1(const float *proj, const float *u, const float *W, const floa
                    float *y) {
     const scan_args a = {proj, u, W, bias, A, D, ln_w, ln_b, in_rows, out_rows, steps, batch, dim, rank, (float)eps, y};
     const int64_t units = ln_w == NULL ? batch * dim : batch, unit = ln_w == NULL ? 1 : dim;
-    int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
+    float *scratch = malloc(sizeof(float) * 3 * (size_t)dim * (size_t)threads);  // before any write to y
+    if (scratch == NULL) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < threads; ++i)
-        failed |= scan_lanes(&a, units * i / threads * unit, units * (i + 1) / threads * unit);
-    return failed;
+        scan_lanes(&a, units * i / threads * unit, units * (i + 1) / threads * unit, scratch + 3 * dim * i);
+    free(scratch);
+    return 0;
 }

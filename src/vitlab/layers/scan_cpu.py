@@ -25,10 +25,11 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
@@ -36,9 +37,11 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 __all__ = ["kernel_available", "scan_d1", "use_kernel"]
 
 _SOURCE = Path(__file__).with_name("scan_cpu.c")
-_FLAGS = ["-O3", "-ffast-math", "-fno-associative-math", "-march=native", "-shared", "-fPIC", "-std=c11", "-fopenmp"]
+_FLAGS = ["-O3", "-ffast-math", "-fno-associative-math", "-march=native", "-fPIC", "-std=c11", "-fopenmp"]
 if platform.machine() in ("x86_64", "AMD64"):
     _FLAGS.append("-mprefer-vector-width=512")  # AVX-512 where the CPU has it: half the vector calls of exp and log
+# linked without -ffast-math: with it gcc adds start-up code that sets flush-to-zero for the whole process
+_LINK = ["-shared", "-fopenmp", "-lm"]
 
 
 def _cpu_key() -> str:
@@ -60,21 +63,26 @@ def _compiler() -> list[str] | None:
 def _build(cc: list[str]) -> Path:
     """Compile ``scan_cpu.c`` into the cache (once per source, flags, compiler and CPU); returns the library."""
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version, _cpu_key()]).encode()).hexdigest()[:16]
-    cache_dir = Path(os.environ.get("VITLAB_CACHE", Path.home() / ".cache" / "vitlab")) / "kernels"
+    parts = [_SOURCE.read_text(), *_FLAGS, *_LINK, version, _cpu_key()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    cache_dir = Path(os.environ.get("VITLAB_CACHE") or Path.home() / ".cache" / "vitlab") / "kernels"
     lib = cache_dir / f"scan_cpu-{key}.so"
     if lib.exists():
         return lib
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
     os.close(fd)
+    obj = tmp[:-3] + ".o"
     try:
-        cmd = [*cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"]
-        subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+        run = partial(subprocess.run, capture_output=True, text=True, check=True, timeout=300)
+        run([*cc, *_FLAGS, "-c", "-o", obj, str(_SOURCE)])
+        run([*cc, "-o", tmp, obj, *_LINK])
+        os.chmod(tmp, 0o755)  # readable by whoever shares the cache (mkstemp makes it private)
         os.replace(tmp, lib)  # atomic: a concurrent build loads either file whole
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, obj):
+            if os.path.exists(path):
+                os.unlink(path)
     return lib
 
 
@@ -87,7 +95,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build(cc)))
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # RuntimeError: no home directory
         detail = getattr(e, "stderr", "") or e
         warnings.warn(f"vitlab: the CPU scan kernel did not build ({detail}); using the PyTorch scan", stacklevel=3)
         return None
@@ -105,17 +113,28 @@ def kernel_available() -> bool:
 
 
 def use_kernel(*tensors: Tensor) -> bool:
-    """Whether a scan over ``tensors`` may take the kernel: CPU float32, no autograd, no tracer, compiler or
-    dispatch mode (FLOP counter, fake tensors; a mode that declares ``watches_only``, such as the memory meter,
-    is fine), and the kernel built."""
+    """Whether a scan over ``tensors`` may take the kernel: plain CPU float32 tensors, no autograd, autocast,
+    functorch transform (vmap), tracer, compiler or dispatch mode (FLOP counter, fake tensors; a mode that declares
+    ``watches_only``, such as the memory meter, is fine), and the kernel built."""
     return (
         not torch.is_grad_enabled()
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and all(
+            type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
+        )
+        and not _autocast_cpu()
+        and not torch._C._are_functorch_transforms_active()
         and all(getattr(mode, "watches_only", False) for mode in _get_current_dispatch_mode_stack())
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and kernel_available()
     )
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # pragma: no cover - torch < 2.4 spells it differently
+        return torch.is_autocast_cpu_enabled()
 
 
 def scan_d1(
@@ -160,6 +179,11 @@ def scan_d1(
     tensors = (proj, u, W, bias, A, D, out, *ln)
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
         raise ValueError("scan_d1 runs on contiguous CPU float32 tensors")
+    if any(r.device.type != "cpu" or r.is_floating_point() or r.is_complex() for r in (in_rows, out_rows)):
+        raise ValueError("scan_d1's in_rows and out_rows must be integer CPU tensors")
+    stores = {t.untyped_storage().data_ptr() for t in (proj, u, W, bias, A, D, *ln)}
+    if out.untyped_storage().data_ptr() in stores:
+        raise ValueError("scan_d1's out must not share memory with its inputs")
     in_rows, out_rows = in_rows.to(torch.int64).contiguous(), out_rows.to(torch.int64).contiguous()
     for name, rows, n in (("in_rows", in_rows, P), ("out_rows", out_rows, out.shape[0])):
         if rows.numel() and not (int(rows.min()) >= 0 and int(rows.max()) < n):
@@ -175,5 +199,5 @@ def scan_d1(
     eps = 0.0 if norm is None else float(norm[2])
     rows = [in_rows.data_ptr(), out_rows.data_ptr()]
     if lib.vitlab_scan_d1(*ptrs, *ln_ptrs, eps, *rows, in_rows.numel(), B, d, rank, threads, out.data_ptr()):
-        raise MemoryError("scan_d1: the kernel could not allocate its state")
+        raise MemoryError("scan_d1: the kernel could not allocate its state (out is unchanged)")
     return out
