@@ -45,3 +45,16 @@ def test_plus_identity_folds_the_residual_into_a_depthwise_conv():
     folded = F.conv2d(x, cpu_fusion.plus_identity(conv), conv.bias, padding=(2, 1), groups=6)
     torch.testing.assert_close(folded, conv(x) + x, rtol=1e-5, atol=1e-6)
     assert not torch.equal(cpu_fusion.plus_identity(conv), conv.weight)  # a copy: the module keeps its weight
+
+
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_fold_batchnorm_equals_conv_then_batchnorm(conv_bias):
+    conv, bn = nn.Conv2d(3, 6, 3, padding=1, bias=conv_bias), nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    x = torch.randn(2, 3, 5, 4)
+    weight, bias = cpu_fusion.fold_batchnorm(conv, bn)
+    torch.testing.assert_close(F.conv2d(x, weight, bias, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)

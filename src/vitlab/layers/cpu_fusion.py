@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-__all__ = ["fused_conv", "fused_inference_ok", "fused_linear", "plus_identity"]
+__all__ = ["fold_batchnorm", "fused_conv", "fused_inference_ok", "fused_linear", "plus_identity"]
 
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _CONV = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
@@ -92,3 +92,11 @@ def plus_identity(conv: nn.Conv2d) -> torch.Tensor:
     weight = conv.weight.clone()
     weight[:, 0, kh // 2, kw // 2] += 1.0
     return weight
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one conv, with ``bn``'s running statistics (its eval-mode function)."""
+    scale = (bn.running_var + bn.eps).rsqrt()
+    scale = scale if bn.weight is None else bn.weight * scale
+    bias = -bn.running_mean * scale if conv.bias is None else (conv.bias - bn.running_mean) * scale
+    return conv.weight * scale[:, None, None, None], bias if bn.bias is None else bias + bn.bias

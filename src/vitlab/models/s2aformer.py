@@ -45,6 +45,7 @@ from ..layers import (
     HierarchicalBackbone,
     Stage,
     StripAttention,
+    fold_batchnorm,
     fused_conv,
     fused_inference_ok,
     fused_linear,
@@ -81,10 +82,8 @@ class _ConvStem(nn.Sequential):
         if not fused_inference_ok(x, self):
             return map_to_tokens(super().forward(x))
         for layer in self:  # BatchNorm (running statistics) folded into the conv, GELU fused after it
-            bn = layer.bn
-            scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-            weight = layer.conv.weight * scale[:, None, None, None]
-            x = fused_conv(x, layer.conv, gelu=True, weight=weight, bias=bn.bias - bn.running_mean * scale)
+            weight, bias = fold_batchnorm(layer.conv, layer.bn)
+            x = fused_conv(x, layer.conv, gelu=True, weight=weight, bias=bias)
         return map_to_tokens(x)
 
 
