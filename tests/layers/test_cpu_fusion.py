@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from vitlab.bench.memory import peak_forward_bytes
 from vitlab.layers import cpu_fusion, fused_conv, fused_inference_ok, fused_linear
 
 pytestmark = pytest.mark.skipif(not cpu_fusion._fused_ops_work(), reason="this torch has no usable oneDNN fused ops")
@@ -30,6 +32,15 @@ def test_fused_path_only_for_cpu_float32_inference_without_autograd():
         assert fused_inference_ok(x, module)
         assert not fused_inference_ok(x.double(), module)
         assert not fused_inference_ok(x, module.train())
+        module.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fused_inference_ok(x, module)
+        assert torch.func.vmap(lambda t: torch.tensor(fused_inference_ok(t, module)))(x.expand(3, 1, 2)).sum() == 0
+        with FlopCounterMode(display=False):
+            assert not fused_inference_ok(x, module)
+        watched = []
+        peak_forward_bytes(lambda: watched.append(fused_inference_ok(x, module)))  # the memory meter only watches
+        assert watched == [True]
 
 
 def test_probe_leaves_the_global_rng_alone():

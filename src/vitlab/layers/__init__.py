@@ -16,9 +16,16 @@ __all__ += ["ConvDownsample", "Grid", "MetaBlock", "Stage", "map_to_tokens", "to
 from .compression import GDN, AnalysisTransform, compressai_encoder_state_dict
 
 __all__ += ["GDN", "AnalysisTransform", "compressai_encoder_state_dict"]
-from .cpu_fusion import fold_batchnorm, fused_conv, fused_inference_ok, fused_linear, plus_identity
+from .cpu_fusion import fold_batchnorm, fused_conv, fused_inference_ok, fused_linear, plain_cpu_inference, plus_identity
 
-__all__ += ["fold_batchnorm", "fused_conv", "fused_inference_ok", "fused_linear", "plus_identity"]
+__all__ += [
+    "fold_batchnorm",
+    "fused_conv",
+    "fused_inference_ok",
+    "fused_linear",
+    "plain_cpu_inference",
+    "plus_identity",
+]
 from .embed import ConvEmbed
 
 __all__ += ["ConvEmbed"]

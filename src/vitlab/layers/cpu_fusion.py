@@ -15,9 +15,9 @@ from functools import cache
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-__all__ = ["fold_batchnorm", "fused_conv", "fused_inference_ok", "fused_linear", "plus_identity"]
+__all__ = ["fold_batchnorm", "fused_conv", "fused_inference_ok", "fused_linear", "plain_cpu_inference", "plus_identity"]
 
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _CONV = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
@@ -44,19 +44,32 @@ def _fused_ops_work() -> bool:
         return False
 
 
-def fused_inference_ok(x: torch.Tensor, module: nn.Module) -> bool:
-    """Whether to take the fused path: CPU float32 inference, no autograd, and no dispatch mode (FLOP counter, fake
-    tensors), tracer or compiler that would not know the oneDNN ops (they also have no autograd formulas)."""
+def plain_cpu_inference(*tensors: torch.Tensor) -> bool:
+    """Whether eager CPU float32 inference runs on ``tensors``, so that fused kernels unknown to autograd, autocast,
+    functorch (vmap), tracers, compilers and dispatch modes (FLOP counter, fake tensors) may replace the plain ops;
+    a dispatch mode that declares ``watches_only`` (the memory meter: it runs every op as it is) is no obstacle."""
     return (
-        not module.training
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not is_in_torch_dispatch_mode()
+        not torch.is_grad_enabled()
+        and all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not _autocast_cpu()
+        and not torch._C._are_functorch_transforms_active()
+        and all(getattr(mode, "watches_only", False) for mode in _get_current_dispatch_mode_stack())
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
-        and _fused_ops_work()
     )
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # pragma: no cover - torch < 2.4 spells it differently
+        return torch.is_autocast_cpu_enabled()
+
+
+def fused_inference_ok(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether ``module`` may take the fused oneDNN path on ``x``: eval mode and ``plain_cpu_inference(x)``."""
+    return not module.training and plain_cpu_inference(x) and _fused_ops_work()
 
 
 def fused_linear(

@@ -29,10 +29,10 @@ from functools import cache, partial
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+from .cpu_fusion import plain_cpu_inference
 
 __all__ = ["kernel_available", "scan_d1", "use_kernel"]
 
@@ -113,28 +113,9 @@ def kernel_available() -> bool:
 
 
 def use_kernel(*tensors: Tensor) -> bool:
-    """Whether a scan over ``tensors`` may take the kernel: plain CPU float32 tensors, no autograd, autocast,
-    functorch transform (vmap), tracer, compiler or dispatch mode (FLOP counter, fake tensors; a mode that declares
-    ``watches_only``, such as the memory meter, is fine), and the kernel built."""
-    return (
-        not torch.is_grad_enabled()
-        and all(
-            type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
-        )
-        and not _autocast_cpu()
-        and not torch._C._are_functorch_transforms_active()
-        and all(getattr(mode, "watches_only", False) for mode in _get_current_dispatch_mode_stack())
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and kernel_available()
-    )
-
-
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # pragma: no cover - torch < 2.4 spells it differently
-        return torch.is_autocast_cpu_enabled()
+    """Whether a scan over ``tensors`` may take the kernel: ``plain_cpu_inference`` (CPU float32, no autograd,
+    autocast, vmap, tracer, compiler or dispatch mode but the memory meter) and the kernel built."""
+    return plain_cpu_inference(*tensors) and kernel_available()
 
 
 def scan_d1(
