@@ -53,7 +53,7 @@ def train_one(model: str, hcs: bool, out: Path, args: argparse.Namespace) -> Pat
         args.test_subset,
         args.batch_size,
     )
-    cfg.optim.epochs, cfg.optim.hcs = args.epochs, hcs
+    cfg.optim.epochs, cfg.hcs.hcs = args.epochs, hcs
     cfg.log_every = 50
     return train(cfg)
 

@@ -1,11 +1,12 @@
-"""Generate ``docs/models.md`` from vitlab's model registry and ``docs/paper_status.toml``.
+"""Generate ``docs/models.md`` from vitlab's model registry and ``src/vitlab/paper_status.toml``.
 
     python tools/make_models_doc.py            # rewrite docs/models.md
     python tools/make_models_doc.py --check    # exit 1 when docs/models.md is out of date
 
 The registry says which models exist (``vitlab.list_models()``, each tied to a PAPERS.md row by
-``get_variant(name).paper.number``); the status file says how far each paper is. The two must
-agree, and anything inconsistent stops the generator with a message naming the row or model.
+``get_variant(name).paper.number``); the status file says how far each paper is (``status``: what runs and
+is verified) and, separately, where its reference figures come from (``reference``). The two must agree,
+and anything inconsistent stops the generator with a message naming the row or model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "DOC_PATH",
+    "MAX_CHARS",
     "NUM_PAPERS",
+    "REFERENCE_KINDS",
     "STATUSES",
     "STATUS_PATH",
     "PaperStatus",
@@ -39,15 +42,21 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-STATUS_PATH = ROOT / "docs" / "paper_status.toml"
+STATUS_PATH = ROOT / "src" / "vitlab" / "paper_status.toml"  # package data: `vitlab info` reads it too
 DOC_PATH = ROOT / "docs" / "models.md"
 NUM_PAPERS = 44  # PAPERS.md rows 0..43
 STATUSES = ("works", "partial", "missing")
+# Where a row's reference figures come from: the paper's own table, figures the authors publish in their code
+# (README, configs, logs), or figures vitlab worked out itself because neither is reachable here.
+REFERENCE_KINDS = ("paper table", "official code", "reconstructed")
+NO_REFERENCE = "-"  # the reference of a row with status "missing"
+# Rows stay short: measured speeds and long histories belong in benchmarks/results/ and CHANGELOG.md.
+MAX_CHARS = {"reference": 160, "verified": 400, "notes": 400}
 REGENERATE = "python tools/make_models_doc.py"
 
 _KIND = re.compile(r"^[BTHC](\+[BTHC])*$")
 _ARXIV = re.compile(r"^(\d{4}\.\d{4,5})?$")
-_REQUIRED = ("number", "title", "arxiv", "kind", "status", "verified", "issue", "notes")
+_REQUIRED = ("number", "title", "arxiv", "kind", "status", "reference", "verified", "issue", "notes")
 _OPTIONAL = ("name",)
 _DASH = "—"
 
@@ -65,6 +74,7 @@ class PaperStatus:
     arxiv: str
     kind: str
     status: str
+    reference: str
     verified: str
     issue: int | None
     notes: str
@@ -73,6 +83,21 @@ class PaperStatus:
     @property
     def kind_letters(self) -> frozenset[str]:
         return frozenset(self.kind.replace("+", ""))
+
+    @property
+    def reference_kind(self) -> str:
+        """One of REFERENCE_KINDS, or NO_REFERENCE."""
+        return _split_reference(self.reference)[0]
+
+    @property
+    def reference_source(self) -> str:
+        return _split_reference(self.reference)[1]
+
+
+def _split_reference(reference: str) -> tuple[str, str]:
+    """``"reconstructed: Swin-T widths"`` -> ``("reconstructed", "Swin-T widths")``."""
+    kind, _, source = reference.partition(":")
+    return kind.strip(), source.strip()
 
 
 def _is_int(value: Any) -> bool:
@@ -90,7 +115,7 @@ def _check_row(index: int, row: Any) -> tuple[PaperStatus | None, list[str]]:
         return None, errors
     if not _is_int(row["number"]) or row["number"] < 0:
         errors.append(f"{where}: number must be a non-negative integer")
-    for key in ("title", "arxiv", "kind", "status", "verified", "notes", *_OPTIONAL):
+    for key in ("title", "arxiv", "kind", "status", "reference", "verified", "notes", *_OPTIONAL):
         if key in row and not isinstance(row[key], str):
             errors.append(f"{where}: {key} must be a string")
     if errors:
@@ -110,6 +135,13 @@ def _check_row(index: int, row: Any) -> tuple[PaperStatus | None, list[str]]:
         errors.append(f"{where}: status is 'missing' but 'verified' is filled in; empty it or change the status")
     if status in ("partial", "works") and not verified:
         errors.append(f"{where}: status is {status!r} but 'verified' does not say how it was verified")
+    errors += _check_reference(where, status, row["reference"].strip())
+    for key, limit in MAX_CHARS.items():
+        if len(row[key].strip()) > limit:
+            errors.append(
+                f"{where}: {key} has {len(row[key].strip())} characters, more than {limit}; keep the essentials "
+                "(measured speeds belong in benchmarks/results/, a row may name the file)"
+            )
     if errors:
         return None, errors
     parsed = PaperStatus(
@@ -118,12 +150,27 @@ def _check_row(index: int, row: Any) -> tuple[PaperStatus | None, list[str]]:
         arxiv=row["arxiv"],
         kind=row["kind"],
         status=status,
+        reference=row["reference"].strip(),
         verified=verified,
         issue=issue if issue != "" else None,
         notes=row["notes"].strip(),
         name=row.get("name", "").strip(),
     )
     return parsed, []
+
+
+def _check_reference(where: str, status: str, reference: str) -> list[str]:
+    kinds = ", ".join(repr(kind) for kind in REFERENCE_KINDS)
+    if reference == NO_REFERENCE:
+        if status == "missing":
+            return []
+        return [f"{where}: status is {status!r} but reference is {NO_REFERENCE!r}; name one of {kinds} and the source"]
+    kind, source = _split_reference(reference)
+    if kind not in REFERENCE_KINDS:
+        return [f"{where}: invalid reference {reference!r}; expected one of {kinds}, then ': ' and the source"]
+    if not source:
+        return [f"{where}: reference {reference!r} names no source; write '{kind}: <where the figures come from>'"]
+    return []
 
 
 def load_status(path: str | Path = STATUS_PATH, numbers: Iterable[int] = range(NUM_PAPERS)) -> dict[int, PaperStatus]:
@@ -219,6 +266,12 @@ def _paper_cell(row: PaperStatus) -> str:
     return f"**{_cell(row.name)}**<br>{title}" if row.name else title
 
 
+def _reference_cell(row: PaperStatus) -> str:
+    if row.reference_kind == NO_REFERENCE:
+        return _DASH
+    return f"**{row.reference_kind}**<br>{_cell(row.reference_source)}"
+
+
 def _notes_cell(row: PaperStatus) -> str:
     parts = []
     if row.verified:
@@ -234,14 +287,15 @@ def _yes_no(flag: bool) -> str:
 
 def _paper_table(status: Mapping[int, PaperStatus], grouped: Mapping[int, Sequence[str]]) -> list[str]:
     lines = [
-        "| # | paper | kind | vitlab models | status | verified / notes | issue |",
-        "|---:|---|---|---|---|---|---|",
+        "| # | paper | kind | vitlab models | status | reference figures | verified / notes | issue |",
+        "|---:|---|---|---|---|---|---|---|",
     ]
     for number, row in status.items():
         models = ", ".join(f"`{name}`" for name in grouped[number]) or _DASH
         issue = f"#{row.issue}" if row.issue is not None else _DASH
         lines.append(
-            f"| {number} | {_paper_cell(row)} | {row.kind} | {models} | {row.status} | {_notes_cell(row)} | {issue} |"
+            f"| {number} | {_paper_cell(row)} | {row.kind} | {models} | {row.status} | {_reference_cell(row)} "
+            f"| {_notes_cell(row)} | {issue} |"
         )
     return lines
 
@@ -272,20 +326,28 @@ def render(status_path: str | Path = STATUS_PATH, variants: Mapping[str, Any] | 
     grouped = group_models(status, variants)
     counts = {s: sum(row.status == s for row in status.values()) for s in STATUSES}
     summary = " · ".join(f"{counts[s]} {s}" for s in STATUSES)
+    references = {k: sum(row.reference_kind == k for row in status.values()) for k in REFERENCE_KINDS}
+    reference_summary = " · ".join(f"{references[k]} {k}" for k in REFERENCE_KINDS)
     lines = [
         "# vitlab models",
         "",
         "<!-- Generated by tools/make_models_doc.py: do not edit by hand. -->",
-        "> **Generated file, do not edit by hand.** Paper status lives in `docs/paper_status.toml`, models in",
+        "> **Generated file, do not edit by hand.** Paper status lives in `src/vitlab/paper_status.toml`, models in",
         f"> each family's `VARIANTS` table. After changing either, run `{REGENERATE}`",
         "> (CI runs it with `--check`).",
         "",
-        "Every paper vitlab covers (the rows of `PAPERS.md`) and how far it is. Status: **works** (all that",
-        "PAPERS.md lists for the paper runs and is verified), **partial** (some of it), **missing** (nothing",
-        "usable yet). Kinds: **B** backbone, **T** technique, **H** task model or head, **C** component of a",
-        "larger generative or multi-modal system.",
+        "Every paper vitlab covers (the rows of `PAPERS.md`) and how far it is. Status says what runs and is",
+        "verified: **works** (all that PAPERS.md lists for the paper), **partial** (some of it), **missing**",
+        "(nothing usable yet). Reference figures says, separately, where the numbers a paper's models are checked",
+        "against come from: the **paper table**, the **official code** (README, configs, logs), or",
+        "**reconstructed** by vitlab (counted from the official code's configuration or from a reconstructed",
+        "layout) when neither is reachable here. A paper whose mechanics all work and are verified, and whose only",
+        "gap is a paper table this environment cannot reach, reads **works** with **reconstructed** references.",
+        "Kinds: **B** backbone, **T** technique, **H** task model or head, **C** component of a larger generative",
+        "or multi-modal system. Measured speeds live in `benchmarks/results/`.",
         "",
-        f"**Summary:** {summary} ({len(status)} papers, {len(variants)} registered models).",
+        f"**Summary:** {summary} ({len(status)} papers, {len(variants)} registered models). "
+        f"Reference figures: {reference_summary}.",
         "",
         "## Papers",
         "",
@@ -293,8 +355,9 @@ def render(status_path: str | Path = STATUS_PATH, variants: Mapping[str, Any] | 
         "",
         "## Registered models",
         "",
-        "Reference parameter counts come from each variant's paper table (`ref_params_m`); the parity test",
-        "checks them. Capabilities are what each variant declares and the registry tests rely on.",
+        "Reference parameter counts (`ref_params_m`) and their source (`ref_source`: a paper table, the official",
+        "code, or reconstructed) come from each variant's `VARIANTS` row; the parity test checks the built model",
+        "against them. Capabilities are what each variant declares and the registry tests rely on.",
         "",
         *_model_table(variants),
         "",

@@ -33,20 +33,27 @@ def reexec_with_tuned_allocator(argv: list[str] | None = None) -> None:
     os.execve(argv[0], argv, env)
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: object) -> None:
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, defaults: object, group: object = None) -> None:
+    """One flag per config field, grouped by config dataclass, each with its help line (``field`` metadata)."""
     hints = typing.get_type_hints(cls)
+    target = group or parser
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            _add_dataclass_args(parser, hints[f.name], getattr(defaults, f.name))
+            sub = hints[f.name]
+            title = f"{f.name} options"
+            doc = (sub.__doc__ or "").strip().splitlines()[0] if sub.__doc__ else None
+            _add_dataclass_args(parser, sub, getattr(defaults, f.name), parser.add_argument_group(title, doc))
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        text = f.metadata.get("help", "")
+        shown = f"{text} (default: {default!r})" if text else f"(default {default})"
         kind = hints[f.name]
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        parser.add_argument(flag, type=base, default=None, help=f"(default {default})")
+        target.add_argument(flag, type=base, default=None, help=shown)
 
 
 def _apply_args(cfg: object, args: argparse.Namespace) -> None:
@@ -66,6 +73,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         spec = get_variant(name)
         src = "timm" if spec.timm_native else "vitlab"
         print(f"{name:40s} [{spec.paper.kind}] #{spec.paper.number:<2d} {src:6s} {spec.paper.title}")
+    if args.kind in (None, "H", "C"):  # task models: a backbone by name + neck + head (vitlab.tasks)
+        from .tasks import get_task, list_tasks
+
+        tasks = [t for t in list_tasks(args.pattern) if get_task(t).kind == (args.kind or get_task(t).kind)]
+        for name in tasks:
+            spec = get_task(name)
+            where = f"#{spec.paper.number:<2d}" if spec.paper is not None else "   "
+            print(
+                f"{name:40s} [{spec.kind}] {where} task   {spec.description or spec.task} (vitlab train --task {name})"
+            )
+        names = names + tasks
     if not names:
         print(f"no vitlab model matches {args.pattern!r}", file=sys.stderr)
         return 1
@@ -100,14 +118,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _paper_status(number: int) -> str:
-    path = Path(__file__).resolve().parents[2] / "docs" / "paper_status.toml"
-    if not path.is_file():
+    """One line of ``paper_status.toml`` (package data, so a wheel install has it too) for PAPERS.md row ``number``."""
+    from importlib.resources import files
+
+    resource = files("vitlab") / "paper_status.toml"
+    if not resource.is_file():
         return "see docs/models.md"
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
-    rows = {r["number"]: r for r in tomllib.loads(path.read_text()).get("paper", [])}
+    rows = {r["number"]: r for r in tomllib.loads(resource.read_text(encoding="utf-8")).get("paper", [])}
     row = rows.get(number, {})
     return f"{row.get('status', '?')}: {row.get('verified') or row.get('notes', '')}".strip()
 
@@ -127,10 +148,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        print(
-            f"test top-1 {s['test_top1']:.2f}%  top-5 {s['test_top5']:.2f}%  "
-            f"training {s['train_seconds']:.0f}s  ({s['steps']} steps)"
-        )
+        if "test_top1" in s:
+            scores = f"test top-1 {s['test_top1']:.2f}%  top-5 {s['test_top5']:.2f}%"
+        else:
+            scores = f"test {s['primary_metric']} {s['test_' + s['primary_metric']]:.2f}"
+        print(f"{scores}  training {s['train_seconds']:.0f}s  ({s['steps']} steps)")
     print(f"run directory: {run}")
     return 0
 
@@ -160,6 +182,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out=args.out,
         channels=args.channels,
     )
+    if isinstance(res, dict):  # a task model's own metrics
+        for key, value in res.items():
+            shown = ", ".join("-" if v is None else f"{v:.2f}" for v in value) if isinstance(value, list) else value
+            print(f"{key:16s} {shown}")
+        return 0
     print(f"top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  loss {res.loss:.4f}  ({res.num_images} images)")
     for name, acc in res.per_class.items():
         print(f"  {name:20s} {acc:6.2f}%")
@@ -168,7 +195,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .engine import predict
+    from .engine.inference import _resolve_checkpoint, read_metadata
 
+    if read_metadata(_resolve_checkpoint(args.checkpoint)[0]).get("task"):  # a task model: overlay pictures
+        from .engine.task_inference import predict_dense
+
+        for path in predict_dense(args.images, args.checkpoint, args.out, device=args.device):
+            print(f"wrote {path}")
+        return 0
     for p in predict(args.images, args.checkpoint, topk=args.topk, device=args.device):
         print(p.path + ": " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
     return 0
@@ -188,8 +222,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         baseline=args.baseline,
         out=out,
+        build=_task_builder(args) if args.task else None,
     )
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .engine.export import export_target, format_result
+
+    res = export_target(args.target, args.format, args.out, device=args.device, tolerance=args.tolerance)
+    print(format_result(res))
+    return 0 if res.ok else 1
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data.synthetic import make
+
+    out = make(
+        args.name,
+        args.out,
+        n=args.n,
+        split=args.split,
+        seed=args.seed,
+        canvas=args.canvas,
+        max_items=args.max_items,
+        data_dir=args.data_dir,
+    )
+    print(f"wrote {out} (scenes.npz, preview.png, info.json)")
+    return 0
+
+
+def _task_builder(args: argparse.Namespace) -> object:
+    from .tasks import create_task_model
+
+    size = {"img_size": args.img_size} if args.img_size else {}
+    return lambda backbone: create_task_model(args.task, backbone=backbone, **size).eval()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("info", help="parameters, GFLOPs, default input and paper of a model")
-    p.add_argument("model")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--in-chans", type=int)
+    p.add_argument("model", help="a vitlab or timm model name")
+    p.add_argument("--img-size", type=int, help="input size to count at (default: the model's)")
+    p.add_argument("--in-chans", type=int, help="input channels to count at (default: the model's)")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("train", help="train a model (default: the Fashion-MNIST quickstart)")
@@ -221,31 +288,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run directory or checkpoint")
     p.add_argument("checkpoint", help="run directory or .safetensors checkpoint")
     p.add_argument("--dataset", help="override the run's data set")
-    p.add_argument("--data-dir")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", help="where the data set lives (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
     p.add_argument("--out", help="output directory (default: <run>/eval)")
     p.add_argument("--channels", help="evaluate on these input channels only, e.g. 0,2 (ChannelViT; others: zeroed)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes for image files")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="run directory or .safetensors checkpoint")
-    p.add_argument("--topk", type=int, default=3)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--topk", type=int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", help="task models: directory for the overlay PNGs (default <run>/predict)")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("bench", help="params, GFLOPs, img/s, latency (and a timm baseline)")
-    p.add_argument("models", nargs="+")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("models", nargs="+", help="model names or shell patterns (backbones with --task)")
+    p.add_argument("--img-size", type=int, help="input size (default: each model's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per timed forward (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (eager if it fails)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last weights and input")
     p.add_argument("--baseline", choices=["timm"], help="also time timm's implementation in the same run")
     p.add_argument("--out", help="path prefix for the CSV and markdown tables (default runs/bench/bench)")
+    p.add_argument("--task", help="measure this task model (vitlab list --kind H) on each named backbone")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("export", help="export a model or a trained run (surgery included) and check the export")
+    p.add_argument("target", help="a model name (random weights) or a run directory / checkpoint")
+    p.add_argument("--format", choices=["onnx", "torch.export"], default="onnx", help="exporter (default onnx)")
+    p.add_argument("--out", required=True, help="output file, or a directory for model.onnx / model.pt2")
+    p.add_argument("--device", default="cpu", help="device the model and the check run on (default cpu)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |exported - PyTorch| accepted")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("data", help="generated data sets (deterministic, cached, previewed)")
+    p = p.add_subparsers(dest="data_command", required=True).add_parser(
+        "make", help="generate a synthetic data set into --out with a preview PNG"
+    )
+    p.add_argument("name", help="generator: fmnist_scenes")
+    p.add_argument("--out", required=True, help="directory to write scenes.npz, preview.png and info.json")
+    p.add_argument("--n", type=int, default=1000, help="number of scenes (default 1000)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="items from this split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes (default 0)")
+    p.add_argument("--canvas", type=int, default=64, help="scene side in pixels, 32-256 (default 64)")
+    p.add_argument("--max-items", type=int, default=6, help="most items per scene (default 6)")
+    p.add_argument("--data-dir", help="where Fashion-MNIST lies (default: its standard places)")
+    p.set_defaults(fn=cmd_data)
     p = sub.add_parser("distill", help="TinyViT fast distillation: store a teacher's top-k once per epoch")
     p = p.add_subparsers(dest="distill_command", required=True).add_parser(
         "save-logits",

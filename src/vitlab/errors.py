@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "TrainingDivergedError", "VitlabError"]
+__all__ = ["CheckpointError", "ExportError", "TrainingDivergedError", "VitlabError"]
 
 
 class VitlabError(Exception):
@@ -15,3 +15,7 @@ class CheckpointError(VitlabError, ValueError):
 
 class TrainingDivergedError(VitlabError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ExportError(VitlabError, RuntimeError):
+    """A model that ONNX / ``torch.export`` cannot export, or whose exported graph does not run."""

@@ -111,7 +111,7 @@ def hcs_run(tmp_path_factory, fmnist_dir_or_skip) -> tuple[Path, list[int]]:
     cfg.model.model = "channelvit_nano_patch4_28"
     cfg.data.dataset, cfg.data.data_dir = "fashion_mnist_multichannel", str(fmnist_dir_or_skip)
     cfg.data.train_subset, cfg.data.test_subset, cfg.data.batch_size = 32, 16, 8
-    cfg.optim.epochs, cfg.optim.hcs, cfg.stop_after_steps = 1, True, 2  # stop before the epoch-end evaluation
+    cfg.optim.epochs, cfg.hcs.hcs, cfg.stop_after_steps = 1, True, 2  # stop before the epoch-end evaluation
     train_module.apply_hcs = spy
     try:
         run = train(cfg)
@@ -146,6 +146,6 @@ def test_eval_channels_flag(hcs_run, capsys):
 
 def test_hcs_refuses_a_teacher():
     cfg = RunConfig()
-    cfg.optim.hcs, cfg.distillation.teacher = True, "vit_nano_patch4_28"
+    cfg.hcs.hcs, cfg.distillation.teacher = True, "vit_nano_patch4_28"
     with pytest.raises(ValueError, match="--hcs"):
         cfg.validate()

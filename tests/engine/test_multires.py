@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.engine import RunConfig, train
-from vitlab.engine.config import OptimConfig
+from vitlab.engine.config import MultiResConfig
 from vitlab.engine.multires import (
     MultiResolutionLoss,
     ResolutionCurriculum,
@@ -40,14 +40,14 @@ def test_bad_resolutions_are_named(bad):
     with pytest.raises(ValueError, match="--resolutions"):
         parse_resolutions(bad)
     cfg = RunConfig()
-    cfg.optim.resolutions = bad if isinstance(bad, str) else ",".join(map(str, bad))
+    cfg.multires.resolutions = bad if isinstance(bad, str) else ",".join(map(str, bad))
     with pytest.raises(ValueError, match="--resolutions"):
         cfg.validate()
 
 
 def test_resolutions_and_teacher_refused_together():
     cfg = RunConfig()
-    cfg.optim.resolutions, cfg.distillation.teacher = "28,20", "vit_nano_patch4_28"
+    cfg.multires.resolutions, cfg.distillation.teacher = "28,20", "vit_nano_patch4_28"
     with pytest.raises(ValueError, match="--teacher"):
         cfg.validate()
 
@@ -94,7 +94,7 @@ def test_without_consistency_is_the_mean_classification_loss():
 
 def test_hook_is_removed_and_gradients_reach_every_parameter():
     model = _model().train()
-    loss_fn = build_multires(OptimConfig(resolutions="32,16"), model)
+    loss_fn = build_multires(MultiResConfig(resolutions="32,16"), model)
     _, loss = loss_fn(model, torch.randn(2, 1, 32, 32), torch.tensor([0, 1]))
     loss.backward()
     assert not model.get_classifier()._forward_pre_hooks
@@ -103,17 +103,17 @@ def test_hook_is_removed_and_gradients_reach_every_parameter():
 
 def test_build_multires_off_without_resolutions_and_refuses_headless_models():
     model = _model()
-    assert build_multires(OptimConfig(), model) is None
+    assert build_multires(MultiResConfig(), model) is None
     model.reset_classifier(0)
     with pytest.raises(ValueError, match="--resolutions"):
-        build_multires(OptimConfig(resolutions="28,20"), model)
+        build_multires(MultiResConfig(resolutions="28,20"), model)
 
 
 def test_train_with_resolutions_end_to_end(tmp_path):
     cfg = RunConfig(out=str(tmp_path), name="mr", log_every=1, device="cpu")
     cfg.model.model = "resformer_nano_patch4_28"
     cfg.data.dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.data.batch_size = "synthetic", 64, 32, 32
-    cfg.optim.epochs, cfg.optim.resolutions = 1, "28,20,16"
+    cfg.optim.epochs, cfg.multires.resolutions = 1, "28,20,16"
     run = train(cfg)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2
@@ -154,18 +154,20 @@ def test_curriculum_options_are_checked():
     with pytest.raises(ValueError, match="forward_packed"):
         ResolutionCurriculum(_model(), F.cross_entropy, 0)
     with pytest.raises(ValueError, match="--resolutions"):
-        build_multires(OptimConfig(resolutions="28,20", native_after=0.5), _univitar())
+        build_multires(MultiResConfig(resolutions="28,20", native_after=0.5), _univitar())
     cfg = RunConfig()
-    cfg.optim.native_after = 1.5
+    cfg.multires.native_after = 1.5
     with pytest.raises(ValueError, match="--native-after"):
         cfg.validate()
-    assert isinstance(build_multires(OptimConfig(native_after=0.5), _univitar(), total_steps=10), ResolutionCurriculum)
+    assert isinstance(
+        build_multires(MultiResConfig(native_after=0.5), _univitar(), total_steps=10), ResolutionCurriculum
+    )
 
 
 def test_train_with_native_resolution_curriculum(tmp_path):
     cfg = RunConfig(out=str(tmp_path), name="nr", log_every=1, device="cpu")
     cfg.model.model = "univitar_nano_patch4_28"
     cfg.data.dataset, cfg.data.train_subset, cfg.data.test_subset, cfg.data.batch_size = "synthetic", 64, 32, 32
-    cfg.optim.epochs, cfg.optim.native_after = 1, 0.5  # step 0 at 28 px, step 1 packed at native sizes
+    cfg.optim.epochs, cfg.multires.native_after = 1, 0.5  # step 0 at 28 px, step 1 packed at native sizes
     run = train(cfg)
     assert json.loads((run / "summary.json").read_text())["steps"] == 2

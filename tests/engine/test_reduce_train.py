@@ -111,7 +111,7 @@ def test_train_with_reduce_saves_a_model_that_reloads_reduced_and_fine_tunes(tmp
     cfg.model.init_from = str(plain)  # fine-tuning the plain run with the reduction on
     run = train(cfg)
     model, meta, _ = load_trained(run)
-    assert meta["reduce"] == {"method": "mctf", "kwargs": {"r": 4}}
+    assert meta["surgery"] == [{"kind": "reduce", "method": "mctf", "kwargs": {"r": 4}}]
     assert is_reduced(model)
     assert schedule_of(model)[1:] == [4] * (len(model.blocks) - 1)
     assert evaluate_run(run).top1 >= 0
@@ -126,6 +126,6 @@ def test_reduce_flags_are_validated():
     cfg.reduction.reduce_consistency = 1.0
     with pytest.raises(ValueError, match="--reduce-consistency needs --reduce"):
         cfg.validate()
-    cfg.reduction.reduce, cfg.optim.resolutions = "tome", "16,24"
+    cfg.reduction.reduce, cfg.multires.resolutions = "tome", "16,24"
     with pytest.raises(ValueError, match=r"--reduce .*--resolutions"):
         cfg.validate()

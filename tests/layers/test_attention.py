@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import vitlab.layers.attention as attention_module
 from vitlab.layers import attend
@@ -65,3 +66,26 @@ def test_equal_widths_stay_on_sdpa_and_wider_values_do_not(monkeypatch):
     assert calls == []
     attend(*_qkv(d_qk=1, d_v=4))
     assert calls == [(2, 3, 5, 1)]
+
+
+def _flops(fn, *args):
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("bias", [None, "mask"])
+def test_cpu_fused_sdpa_flops_equal_the_math_path(bias):
+    q, k, v = _qkv(d_qk=4, d_v=4)  # (2, 3, 5, 4) queries over 7 keys
+    mask = _masks()[2] if bias else None
+    expected = 2 * 2 * 3 * 5 * 7 * (4 + 4)  # q kᵀ and p v, 2 FLOPs per multiply-accumulate
+    assert _flops(F.scaled_dot_product_attention, q, k, v, mask) == expected
+    meta = [t.to("meta") for t in (q, k, v)]  # the math path: two bmm, counted by torch itself
+    assert _flops(F.scaled_dot_product_attention, *meta, None if mask is None else mask.to("meta")) == expected
+
+
+def test_cpu_fused_sdpa_backward_flops():
+    q, k, v = (t.requires_grad_() for t in _qkv(d_qk=4, d_v=4))
+    forward = 2 * 2 * 3 * 5 * 7 * (4 + 4)
+    backward = 2 * 2 * 3 * 5 * 7 * (3 * 4 + 2 * 4)  # recomputed q kᵀ, then dp, dv, dq, dk
+    assert _flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == forward + backward

@@ -141,6 +141,9 @@ def test_schedules_follow_the_papers():
 
     assert tome.schedule(4, r=3) == [3, 3, 3, 3]
     assert tome.schedule(3, r=[5, 2]) == [5, 2, 0]
+    assert tome.schedule(12) == [13] * 12  # default: the official README's off-the-shelf r for ViT-S/B/16
+    assert tome.schedule(24) == [7] * 24  # the same 156 merges over ViT-L/16's depth, as the README's r = 7
+    assert tome.schedule(12, r=0) == [0] * 12
     dec = tome.schedule(12, r=8, inflect=-1)  # ToMe's decreasing schedule: 2r down to 0, same total
     assert dec[0] == 16
     assert dec[-1] == 0

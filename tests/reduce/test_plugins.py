@@ -124,6 +124,18 @@ def test_token_counts_follow_schedule(host, method):
     assert counts[-1] < patches + p
 
 
+def test_tome_default_reduces_and_r0_stays_exact(host):
+    model, x = host
+    ref = model(x)
+    n = _num_patches(model, x) + model.num_prefix_tokens
+    reduce.apply(model, "tome")  # no r: ToMe's default must merge (it once merged nothing)
+    assert all(reduce.schedule_of(model))
+    feats, _ = reduce.forward_with_state(model, x)
+    assert feats.shape[1] < n
+    reduce.apply(model, "tome", r=0)
+    assert torch.equal(model(x), ref)
+
+
 def test_source_map_partitions_patches(host, method):
     model, x = host
     patches = _num_patches(model, x)

@@ -6,8 +6,9 @@ which is also how papers count. Papers' "FLOPs" are multiply-accumulates: compar
 tables with :func:`gmacs`, not with the raw FLOP count.
 
 Attention through ``F.scaled_dot_product_attention`` is counted: on CPU it dispatches to
-``aten._scaled_dot_product_flash_attention_for_cpu`` and on ``meta`` to the math path
-(``bmm``), and torch's counter has a formula for both (tested against a hand-computed ViT).
+``aten._scaled_dot_product_flash_attention_for_cpu``, for which torch's counter has no formula
+(2.14 included), so ``vitlab.layers.attention`` registers one when vitlab is imported; on ``meta``
+it takes the math path (``bmm``), which torch counts (both tested against a hand-computed ViT).
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import torch.nn as nn
 
 from .machine import describe_machine, matmul_peak_gflops
 from .runner import BenchRow, bench_models
@@ -25,6 +28,7 @@ def run_bench(
     warmup: int = 2,
     repeats: int = 5,
     min_seconds: float = 2.0,
+    build: Callable[[str], nn.Module] | None = None,
 ) -> list[BenchRow]:
     """Benchmark ``models``, print the markdown table, and write ``<out>.csv`` / ``<out>.md`` if ``out`` is given.
 
@@ -44,6 +48,7 @@ def run_bench(
         repeats=repeats,
         min_seconds=min_seconds,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        build=build,
     )
     machine = describe_machine()
     machine["matmul_peak_gflops"] = matmul_peak_gflops(device=device)

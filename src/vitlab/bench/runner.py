@@ -139,8 +139,12 @@ def bench_models(
     min_seconds: float = 2.0,
     latency: bool = True,
     progress: Callable[[str], None] | None = None,
+    build: Callable[[str], nn.Module] | None = None,
 ) -> list[BenchRow]:
     """Measure each model (names or shell patterns) at a fixed batch size; one ``BenchRow`` per model.
+
+    ``build(name)`` builds models this package does not know (task models: ``vitlab bench --task``); each must
+    carry ``in_chans`` and ``img_size``, and gets no baseline.
 
     Args:
         names: vitlab model names or patterns (``"deit_*"``); all are checked before any timing.
@@ -170,14 +174,14 @@ def bench_models(
     dev = check_device(device)
     if baseline is not None and baseline not in BASELINES:
         raise ValueError(f"baseline must be None or one of {BASELINES}, got {baseline!r}")
-    resolved = resolve_names(names)
+    resolved = resolve_names(names) if build is None else list(names)
     user = {k: v for k, v in (("img_size", img_size), ("in_chans", in_chans), ("num_classes", num_classes)) if v}
     timing = _TimingPlan(dev, batch_size, amp, compile, channels_last, warmup, repeats, min_seconds, latency)
     rows = []
     for i, name in enumerate(resolved):
         if progress is not None:
             progress(f"[{i + 1}/{len(resolved)}] {name}")
-        rows.append(_bench_one(name, user, baseline, timing))
+        rows.append(_bench_one(name, user, baseline, timing) if build is None else _bench_built(name, build, timing))
         _free(dev)
     return rows
 
@@ -195,6 +199,12 @@ class _TimingPlan:
     latency: bool
 
 
+def _bench_built(name: str, build: Callable[[str], nn.Module], plan: _TimingPlan) -> BenchRow:
+    model = build(name)
+    input_size = (model.in_chans, model.img_size, model.img_size)
+    return _measure(name, model, input_size, count_flops(model, input_size), None, "", plan)
+
+
 def _bench_one(name: str, user: dict[str, Any], baseline: str | None, plan: _TimingPlan) -> BenchRow:
     spec = get_variant(name)
     size, chans = user.get("img_size") or spec.img_size, user.get("in_chans") or spec.in_chans
@@ -204,8 +214,22 @@ def _bench_one(name: str, user: dict[str, Any], baseline: str | None, plan: _Tim
         flops = count_flops_meta(name, **user)
     except Exception:  # data-dependent forwards cannot run on meta; count the real model instead
         flops = count_flops(ours, input_size)
-    params = count_params(ours)
     base, note = timm_baseline(name, spec, user, ours) if baseline == "timm" else (None, "")
+    return _measure(name, ours, input_size, flops, base, note, plan, baseline)
+
+
+def _measure(
+    name: str,
+    ours: nn.Module,
+    input_size: tuple[int, int, int],
+    flops: int,
+    base: nn.Module | None,
+    note: str,
+    plan: _TimingPlan,
+    baseline: str | None = None,
+) -> BenchRow:
+    size, chans = input_size[1], input_size[0]
+    params = count_params(ours)
     notes = [note] if note else []
     flags = {"amp": plan.amp, "channels_last": plan.channels_last}
     models = [ours] if base is None else [ours, base]

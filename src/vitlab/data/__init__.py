@@ -1,4 +1,4 @@
-"""Data for vitlab: Fashion-MNIST, image folders and a synthetic set, batch transforms, a resumable loader."""
+"""Data for vitlab: Fashion-MNIST, image folders, synthetic sets and scenes, batch transforms, a resumable loader."""
 
 from .datasets import IMAGE_EXTENSIONS, ImageFolderDataset, TensorImageDataset, load_image, make_synthetic
 from .errors import ChannelMismatchError, DataError, DatasetNotFoundError, IdxFormatError, ImageReadError
@@ -11,6 +11,7 @@ from .fashion_mnist import (
     read_idx,
 )
 from .loader import BatchLoader
+from .synthetic import FMNISTScenes, SceneDataset
 from .transforms import match_channels, match_channels_stats, normalize, random_crop_flip, resize_batch
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "ChannelMismatchError",
     "DataError",
     "DatasetNotFoundError",
+    "FMNISTScenes",
     "IdxFormatError",
     "ImageFolderDataset",
     "ImageReadError",
+    "SceneDataset",
     "TensorImageDataset",
     "find_fashion_mnist",
     "load_fashion_mnist",

@@ -119,13 +119,14 @@ class BatchLoader:
                 dataset,
                 batch_sampler=[idx.tolist() for idx in batches],
                 num_workers=self.num_workers,
-                collate_fn=_collate,
+                collate_fn=getattr(dataset, "collate", _collate),
                 pin_memory=self.device.type == "cuda",  # non-blocking copies to the GPU
             )
             yield from loader
         else:
+            collate = getattr(dataset, "collate", _collate)  # dict datasets collate their own targets
             for idx in batches:
-                yield _collate([dataset[i] for i in idx.tolist()])
+                yield collate([dataset[i] for i in idx.tolist()])
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the batches of ``epoch`` from batch ``start_batch`` on (the same batches a full epoch yields)."""
@@ -138,6 +139,30 @@ class BatchLoader:
                 images = random_crop_flip(images, generator)
             x = normalize(match_channels(images, self.in_chans), self.mean, self.std)
             yield resize_batch(x, self.img_size), targets
+
+    def iter_batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+        """Dict batches of ``epoch`` from ``start_batch`` on: ``image`` normalised float (B, C, H, W) plus the
+        targets, ``label`` for classification data or whatever a dict dataset's ``collate`` gives (masks, boxes).
+
+        A dict dataset's ``augment(batch, generator)`` moves its targets with the image.
+        """
+        if not hasattr(self.dataset, "collate"):
+            for x, y in self.iter_epoch(epoch, start_batch):
+                yield {"image": x, "label": y}
+            return
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} is out of range for an epoch of {len(self)} batches")
+        if tuple(self.img_size) != tuple(self.dataset.img_size):
+            raise DataError(
+                f"data set {getattr(self.dataset, 'name', '')!r} is {tuple(self.dataset.img_size)} px but the model "
+                f"takes {tuple(self.img_size)}; dense targets are not resized: generate the data at the model's size"
+            )
+        batches = self._batch_indices(epoch, start_batch)
+        for b, batch in enumerate(self._fetch(batches), start=start_batch):
+            if self.augment and hasattr(self.dataset, "augment"):
+                batch = self.dataset.augment(batch, torch.Generator().manual_seed(_derive_seed(self.seed, epoch, b, 1)))
+            batch["image"] = normalize(match_channels(batch["image"], self.in_chans), self.mean, self.std)
+            yield batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iter_epoch(0)

@@ -1,7 +1,10 @@
-"""Typed run configuration: model, data and optimisation groups composed into ``RunConfig``.
+"""Typed run configuration: one dataclass per concern, composed into ``RunConfig``.
 
-The defaults are the quickstart recipe (``configs/quickstart.yaml`` documents its result): the
-command ``vitlab train`` with no flags trains it on Fashion-MNIST.
+The defaults are the quickstart recipe (``configs/quickstart.yaml`` documents its result): the command
+``vitlab train`` with no flags trains it on Fashion-MNIST. Every field carries its help line
+(``field(metadata={"help": ...})``), so ``vitlab train --help`` and the docs come from here. A training
+technique's group (``hcs``, ``multires``, ``distillation``, ``reduction``) belongs to that technique: the
+technique itself (``engine/techniques.py``) says when it is on and what it cannot be combined with.
 """
 
 from __future__ import annotations
@@ -13,140 +16,181 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ChannelSamplingConfig",
     "DataConfig",
     "DistillConfig",
     "ModelConfig",
+    "MultiResConfig",
     "OptimConfig",
     "ReduceConfig",
     "RunConfig",
+    "TaskConfig",
     "config_from_dict",
     "config_to_dict",
+    "load_config",
 ]
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its command-line help line."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    model: str = "tiny_vit_1m_28"
-    img_size: int | None = None  # None: the model's default input size
-    in_chans: int | None = None  # None: the data's channel count
-    drop_path_rate: float | None = None
-    init_from: str = ""  # fine-tune: start from the weights of a run directory or .safetensors checkpoint
+    """The model: a vitlab or timm name, its input and where its weights start."""
+
+    model: str = opt("tiny_vit_1m_28", "model name (vitlab list); with --task, the backbone unless --backbone")
+    img_size: int | None = opt(None, "input size in pixels (default: the model's own)")
+    in_chans: int | None = opt(None, "input channels (default: the data's)")
+    drop_path_rate: float | None = opt(None, "stochastic depth rate (default: the model's)")
+    init_from: str = opt("", "start from these weights: a run directory, a vitlab .safetensors or a .pth state dict")
 
 
 @dataclass
 class DataConfig:
-    # "fashion_mnist", "fashion_mnist_multichannel" (4 views per item, data/multichannel.py), "synthetic", or an
-    # image-folder root with train/ and val/
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    batch_size: int = 128
-    train_subset: int = 0  # >0: train on this many images (smoke tests)
-    test_subset: int = 0
-    augment: bool = False  # random crop (pad 2) + flip; off: +0.9 top-1 in the 5-epoch quickstart (underfits)
-    workers: int = 0
+    """The data: a named data set or an image folder, batching and held-out selection."""
+
+    dataset: str = opt(
+        "fashion_mnist",
+        "fashion_mnist, fashion_mnist_multichannel, synthetic, fmnist_scenes (with --task segmentation), "
+        "or a folder with train/ and val/ holding one sub-folder per class",
+    )
+    data_dir: str | None = opt(None, "where the named data set lives (default: its standard place)")
+    batch_size: int = opt(128, "images per optimizer step (the global batch under torchrun)")
+    train_subset: int = opt(0, "train on this many images only (0: all; for smoke tests)")
+    test_subset: int = opt(0, "evaluate on this many test images only (0: all)")
+    val_fraction: float = opt(
+        0.0, "hold out this fraction of the training images to choose the best checkpoint (0: choose on test)"
+    )
+    augment: bool = opt(False, "random crop (pad 2) and flip; off in the quickstart, which underfits")
+    workers: int = opt(0, "processes decoding an image folder (0: in this process)")
 
 
 @dataclass
 class OptimConfig:
-    epochs: float = 5.0
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.25
-    min_lr: float = 1e-5
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    clip_grad: float = 1.0
-    ema_decay: float = 0.0  # >0: keep an EMA of the weights and evaluate it
-    hcs: bool = False  # Hierarchical Channel Sampling (ChannelViT): train each batch on a random channel subset
-    resolutions: str = ""  # ResFormer multi-resolution training, e.g. "224,160,128" (engine/multires.py)
-    scale_consistency: float = 1.0  # with --resolutions: weight of the scale-consistency loss
-    native_after: float | None = None  # UniViTAR resolution curriculum: packed native-size batches after this fraction
+    """Optimisation: AdamW, warmup + cosine schedule, regularisation and EMA."""
+
+    epochs: float = opt(5.0, "passes over the training data (fractions allowed)")
+    steps: int = opt(0, "train for this many optimizer steps instead of --epochs (0: use --epochs)")
+    lr: float = opt(2e-3, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.05, "AdamW weight decay")
+    warmup_epochs: float = opt(0.25, "linear warmup length in epochs")
+    min_lr: float = opt(1e-5, "learning rate at the end of the cosine schedule")
+    label_smoothing: float = opt(0.1, "label smoothing of the classification loss")
+    mixup: float = opt(0.0, "mixup alpha (0: off)")
+    cutmix: float = opt(0.0, "cutmix alpha (0: off)")
+    clip_grad: float = opt(1.0, "clip the gradient norm to this (0: off)")
+    ema_decay: float = opt(0.0, "keep an EMA of the weights with this decay and evaluate it (0: off)")
+
+
+@dataclass
+class TaskConfig:
+    """Task models (``vitlab list-tasks``): a backbone by name + neck + head, trained on dict batches."""
+
+    task: str = opt("", "train a task model instead of a classifier, e.g. segmentation ('': classification)")
+    backbone: str = opt("", "with --task: the backbone's model name (default: --model)")
+
+
+@dataclass
+class ChannelSamplingConfig:
+    """Hierarchical Channel Sampling (ChannelViT, arXiv:2309.16108; engine/hcs.py)."""
+
+    hcs: bool = opt(False, "train each batch on a random subset of the input channels")
+
+
+@dataclass
+class MultiResConfig:
+    """Multi-resolution training (ResFormer) and the resolution curriculum (UniViTAR); engine/multires.py."""
+
+    resolutions: str = opt("", "ResFormer: train every batch at these sizes, e.g. 224,160,128")
+    scale_consistency: float = opt(1.0, "with --resolutions: weight of the scale-consistency loss")
+    native_after: float | None = opt(
+        None, "UniViTAR curriculum: packed native-size batches after this fraction of the steps"
+    )
 
 
 @dataclass
 class DistillConfig:
-    """DeiT distillation (arXiv:2012.12877): a frozen teacher supervises the student's distillation head."""
+    """DeiT distillation (arXiv:2012.12877) and TinyViT's stored-logit distillation; engine/distill.py."""
 
-    teacher: str = ""  # run directory, .safetensors checkpoint, or vitlab/timm model name; "" trains without one
-    distill: str = "hard"  # with --teacher: "hard" (CE to the teacher's argmax) or "soft" (KL at temperature tau)
-    distill_alpha: float = 0.5  # loss = (1 - alpha) * CE(labels) + alpha * distillation loss
-    distill_tau: float = 1.0  # soft distillation temperature
-    distill_from: str = ""  # TinyViT fast distillation: a `vitlab distill save-logits` directory (no teacher runs)
+    teacher: str = opt("", "distil from this teacher: a run directory, checkpoint or model name")
+    distill: str = opt("hard", "with --teacher: hard (CE to the teacher's argmax) or soft (KL at --distill-tau)")
+    distill_alpha: float = opt(0.5, "loss = (1 - alpha) CE(labels) + alpha distillation loss")
+    distill_tau: float = opt(1.0, "soft distillation temperature")
+    distill_from: str = opt("", "TinyViT: train from a `vitlab distill save-logits` directory (no teacher runs)")
 
 
 @dataclass
 class ReduceConfig:
-    """Token reduction while training (``vitlab.reduce``): the model trains, evaluates and is saved as it runs."""
+    """Token reduction while training (``vitlab.reduce``); engine/reduce_train.py."""
 
-    reduce: str = ""  # tome, evit, ats or mctf; "" trains the unreduced model
-    reduce_r: str = ""  # ToMe/MCTF tokens merged per block: an int or a comma list per block
-    reduce_keep: float = 0.0  # EViT keep rate / ATS budget fraction
-    reduce_layers: str = ""  # blocks that reduce, e.g. "3,6,9" (default: the method's own)
-    reduce_consistency: float = 0.0  # >0: MCTF's token-reduction consistency loss, with this weight
-    reduce_consistency_threshold: float = 0.0  # count it only where the label's probability exceeds this
+    reduce: str = opt("", "train with token reduction: tome, evit, ats or mctf ('': off)")
+    reduce_r: str = opt("", "ToMe/MCTF tokens merged per block: an integer or a comma list per block")
+    reduce_keep: float = opt(0.0, "EViT keep rate / ATS budget fraction")
+    reduce_layers: str = opt("", "blocks that reduce, e.g. 3,6,9 (default: the method's own)")
+    reduce_consistency: float = opt(0.0, "MCTF's token-reduction consistency loss weight (0: off)")
+    reduce_consistency_threshold: float = opt(0.0, "count consistency only where p(label) exceeds this")
 
 
 @dataclass
 class RunConfig:
+    """A whole run; ``config.json`` in the run directory is this, resolved."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    hcs: ChannelSamplingConfig = field(default_factory=ChannelSamplingConfig)
+    multires: MultiResConfig = field(default_factory=MultiResConfig)
     distillation: DistillConfig = field(default_factory=DistillConfig)
     reduction: ReduceConfig = field(default_factory=ReduceConfig)
-    device: str = "auto"  # auto: cuda if available, else cpu
-    amp: bool = False  # autocast on CUDA (--amp-dtype)
-    amp_dtype: str = "bfloat16"  # with --amp: "bfloat16" or "float16" (with loss scaling)
-    channels_last: bool = False
-    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
-    compile: bool = False  # torch.compile the training forward; falls back to eager with a warning if it fails
-    seed: int = 0
-    out: str = "runs"
-    name: str = ""  # run directory name; default: <model>-<timestamp>
-    log_every: int = 20
-    ckpt_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
-    stop_after_steps: int = 0  # stop early (with a checkpoint) after N steps; the schedule still spans all epochs
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when present)")
+    amp: bool = opt(False, "autocast on CUDA (see --amp-dtype)")
+    amp_dtype: str = opt("bfloat16", "with --amp: bfloat16 or float16 (with loss scaling)")
+    channels_last: bool = opt(False, "channels-last memory format on CUDA")
+    sync_bn: bool = opt(False, "under torchrun on CUDA: BatchNorm statistics over the global batch")
+    compile: bool = opt(False, "torch.compile the training forward (falls back to eager with a warning)")
+    seed: int = opt(0, "seed of initialisation, batch order and augmentation")
+    out: str = opt("runs", "directory that holds run directories")
+    name: str = opt("", "run directory name (default: <model>-<timestamp>)")
+    log_every: int = opt(20, "write a metrics line every N steps")
+    ckpt_every: int = opt(0, "also checkpoint every N steps (0: at epoch ends only)")
+    stop_after_steps: int = opt(0, "stop early with a checkpoint after N steps; the schedule still spans the run")
 
     def validate(self) -> None:
+        """Range checks of the generic fields; each technique checks its own (``engine/techniques.py``)."""
+        o, d = self.optim, self.data
         checks = [
-            ("batch_size", self.data.batch_size, self.data.batch_size >= 1, "an integer >= 1"),
-            ("epochs", self.optim.epochs, self.optim.epochs > 0, "a number > 0"),
-            ("lr", self.optim.lr, self.optim.lr > 0, "a number > 0"),
-            ("label_smoothing", self.optim.label_smoothing, 0 <= self.optim.label_smoothing < 1, "in [0, 1)"),
-            ("ema_decay", self.optim.ema_decay, 0 <= self.optim.ema_decay < 1, "in [0, 1)"),
+            ("batch_size", d.batch_size, d.batch_size >= 1, "an integer >= 1"),
+            ("epochs", o.epochs, o.epochs > 0, "a number > 0"),
+            ("steps", o.steps, o.steps >= 0, "an integer >= 0"),
+            ("lr", o.lr, o.lr > 0, "a number > 0"),
+            ("label_smoothing", o.label_smoothing, 0 <= o.label_smoothing < 1, "in [0, 1)"),
+            ("ema_decay", o.ema_decay, 0 <= o.ema_decay < 1, "in [0, 1)"),
+            ("val_fraction", d.val_fraction, 0 <= d.val_fraction < 1, "in [0, 1)"),
             ("img_size", self.model.img_size, self.model.img_size is None or self.model.img_size >= 8, ">= 8"),
             ("in_chans", self.model.in_chans, self.model.in_chans is None or self.model.in_chans >= 1, ">= 1"),
             ("amp_dtype", self.amp_dtype, self.amp_dtype in ("bfloat16", "float16"), "bfloat16 or float16"),
-            ("distill", self.distillation.distill, self.distillation.distill in ("hard", "soft"), "hard or soft"),
-            ("distill_alpha", self.distillation.distill_alpha, 0 <= self.distillation.distill_alpha <= 1, "in [0, 1]"),
-            ("distill_tau", self.distillation.distill_tau, self.distillation.distill_tau > 0, "a number > 0"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
-        # with --hcs, a teacher or the extra resolutions would be handed the channel subset too
-        for flag, on in (("--teacher", self.distillation.teacher), ("--resolutions", self.optim.resolutions)):
-            if self.optim.hcs and on:
-                raise ValueError(f"--hcs (channel sampling) cannot be combined with {flag}")
-        if self.distillation.distill_from and (self.distillation.teacher or self.optim.resolutions):
-            other = "--teacher" if self.distillation.teacher else "--resolutions"
-            raise ValueError(f"--distill-from (stored teacher logits) cannot be combined with {other}")
-        if self.optim.resolutions:
-            from .multires import parse_resolutions
+        from .techniques import validate_techniques
 
-            parse_resolutions(self.optim.resolutions)  # a clear error naming --resolutions
-            if self.distillation.teacher:
-                raise ValueError("--resolutions (multi-resolution training) cannot be combined with --teacher")
-        if self.reduction.reduce:
-            for flag, on in (("--resolutions", self.optim.resolutions), ("--hcs", self.optim.hcs)):
-                if on:
-                    raise ValueError(f"--reduce (token reduction) cannot be combined with {flag}")
-        elif self.reduction.reduce_consistency:
-            raise ValueError("--reduce-consistency needs --reduce METHOD")
-        if self.optim.native_after is not None and not 0 <= self.optim.native_after <= 1:
-            raise ValueError(
-                f"--native-after must be a fraction of training in [0, 1], got {self.optim.native_after!r}"
-            )
+        validate_techniques(self)
+
+
+_GROUPS = {
+    f.name: f.default_factory for f in dataclasses.fields(RunConfig) if f.default_factory is not dataclasses.MISSING
+}
+# fields that lived in another group before the technique groups (configs and run directories written then)
+_MOVED = {
+    ("optim", "hcs"): "hcs",
+    ("optim", "resolutions"): "multires",
+    ("optim", "scale_consistency"): "multires",
+    ("optim", "native_after"): "multires",
+}
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -154,25 +198,23 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> RunConfig:
-    """Inverse of ``config_to_dict``; unknown keys are errors naming the key."""
-    groups = {
-        "model": ModelConfig,
-        "data": DataConfig,
-        "optim": OptimConfig,
-        "distillation": DistillConfig,
-        "reduction": ReduceConfig,
-    }
+    """Inverse of ``config_to_dict``; unknown keys are errors naming the key. Older layouts are read too."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for (old, key), new in _MOVED.items():
+        if isinstance(d.get(old), dict) and key in d[old]:
+            d.setdefault(new, {})[key] = d[old].pop(key)
     top = {f.name for f in dataclasses.fields(RunConfig)}
     kwargs: dict[str, Any] = {}
     for key, value in d.items():
         if key not in top:
             raise ValueError(f"unknown config key {key!r}; expected one of {sorted(top)}")
-        if key in groups:
-            names = {f.name for f in dataclasses.fields(groups[key])}
+        if key in _GROUPS:
+            cls = _GROUPS[key]
+            names = {f.name for f in dataclasses.fields(cls)}
             bad = set(value) - names
             if bad:
                 raise ValueError(f"unknown config keys {sorted(bad)} in {key!r}; expected some of {sorted(names)}")
-            kwargs[key] = groups[key](**value)
+            kwargs[key] = cls(**value)
         else:
             kwargs[key] = value
     return RunConfig(**kwargs)

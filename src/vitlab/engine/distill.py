@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -29,9 +30,10 @@ from ..data import match_channels, resize_batch
 from ..errors import CheckpointError
 from ..models import UnknownModelError, create_model, get_variant
 from .config import DistillConfig
-from .inference import load_trained
+from .objective import ObjectiveWrapper
+from .technique import Technique
 
-__all__ = ["Distiller", "Teacher", "build_distiller", "distillation_loss", "load_teacher"]
+__all__ = ["DistillationObjective", "Distiller", "Teacher", "build_distiller", "distillation_loss", "load_teacher"]
 
 
 def distillation_loss(
@@ -99,6 +101,8 @@ def load_teacher(
     """
     path = Path(spec)
     if path.exists():
+        from .inference import load_trained
+
         model, meta, _ = load_trained(path, device)
         if meta["num_classes"] != num_classes:
             raise CheckpointError(
@@ -182,3 +186,51 @@ def build_distiller(
     if hasattr(student, "set_distilled_training"):
         student.set_distilled_training(True)
     return Distiller(teacher, cfg.distill, cfg.distill_alpha, cfg.distill_tau, mean, std)
+
+
+class DistillationObjective(ObjectiveWrapper):
+    """The wrapped objective's loss mixed with a distillation term: ``distill(x, output, base loss)``."""
+
+    def __init__(self, base: Any, distill: Any) -> None:
+        super().__init__(base)
+        self.distill = distill
+
+    def step(self, net: nn.Module, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        res = self.base.step(net, batch, step)
+        res["loss"] = self.distill(batch["image"], res["output"], res["loss"])
+        return res
+
+
+def _install(setup: Any) -> None:
+    distiller = build_distiller(
+        setup.cfg.distillation,
+        setup.model,
+        len(setup.classes),
+        setup.in_chans,
+        setup.img_size,
+        setup.train_loader.mean,
+        setup.train_loader.std,
+        setup.device,
+    )
+    setup.objective = DistillationObjective(setup.objective, distiller)
+
+
+def _validate(cfg: Any) -> None:
+    d = cfg.distillation
+    checks = [
+        ("distill", d.distill, d.distill in ("hard", "soft"), "hard or soft"),
+        ("distill_alpha", d.distill_alpha, 0 <= d.distill_alpha <= 1, "in [0, 1]"),
+        ("distill_tau", d.distill_tau, d.distill_tau > 0, "a number > 0"),
+    ]
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+
+
+TECHNIQUE = Technique(
+    flag="--teacher",
+    what="DeiT distillation",
+    is_on=lambda cfg: bool(cfg.distillation.teacher),
+    validate=_validate,
+    install=_install,
+)

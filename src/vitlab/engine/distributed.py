@@ -142,6 +142,20 @@ def shard_batch(env: DistEnv, *tensors: torch.Tensor) -> tuple[list[torch.Tensor
     return shards, 1.0 if n_local * env.world_size == n else n_local * env.world_size / n
 
 
+def shard_dict(env: DistEnv, batch: dict[str, Any]) -> dict[str, Any]:
+    """This rank's contiguous shard of every per-sample entry of a dict batch (tensors and lists)."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.ndim > 0:
+            out[key] = value.tensor_split(env.world_size)[env.rank]
+        elif isinstance(value, list):
+            keep = torch.arange(len(value)).tensor_split(env.world_size)[env.rank].tolist()
+            out[key] = [value[i] for i in keep]
+        else:
+            out[key] = value
+    return out
+
+
 def all_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
     """Sum ``values`` over all ranks (a copy; unchanged with one process)."""
     values = values.clone()

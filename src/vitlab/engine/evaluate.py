@@ -1,19 +1,20 @@
-"""``vitlab eval``: top-1/top-5, per-class accuracy and a confusion-matrix plot for a run or checkpoint."""
+"""``vitlab eval``'s classification scores: top-1/top-5, loss, per-class accuracy and the confusion matrix."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..data import BatchLoader
-from .distributed import DistEnv, all_sum
+from .distributed import DistEnv, shard_dict
 
-__all__ = ["EvalResult", "evaluate_model"]
+__all__ = ["EvalResult", "evaluate_model", "shard_batches"]
 
 
 @dataclass
@@ -29,10 +30,21 @@ class EvalResult:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
 
-@torch.inference_mode()
+def shard_batches(batches: Any, env: DistEnv | None) -> Iterator[dict[str, Any]]:
+    """Dict batches (or ``(x, y)`` pairs), each cut to this rank's contiguous shard under torchrun."""
+    for batch in batches:
+        if isinstance(batch, tuple):
+            batch = {"image": batch[0], "label": batch[1]}
+        if env is not None and env.enabled:
+            batch = shard_dict(env, batch)
+            if batch["image"].shape[0] == 0:
+                continue
+        yield batch
+
+
 def evaluate_model(
     model: nn.Module,
-    loader: BatchLoader,
+    loader: Any,
     device: torch.device,
     classes: list[str],
     amp: bool = False,
@@ -41,48 +53,13 @@ def evaluate_model(
 ) -> EvalResult:
     """Score ``model`` on every batch of ``loader`` (its epoch-0 order).
 
-    With ``dist_env`` of several processes, each rank scores its shard of every batch and the counts are summed
-    over ranks, so every rank returns the result one process would.
+    Under torchrun each rank scores its shard of every batch and the metrics sum over ranks, so every rank
+    returns the result one process would.
     """
-    was_training = model.training
-    model.eval()
-    k = min(5, len(classes))
-    n = len(classes)
-    sharded = dist_env is not None and dist_env.enabled
-    confusion = torch.zeros(n, n, dtype=torch.long)
-    correct1 = correct5 = 0
-    loss_sum, count = 0.0, 0
-    for x, y in loader.iter_epoch(0):
-        if sharded:
-            world, rank = dist_env.world_size, dist_env.rank
-            x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-            if y.numel() == 0:
-                continue
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        topk = logits.topk(k, dim=-1).indices
-        correct1 += (topk[:, 0] == y).sum().item()
-        correct5 += (topk == y[:, None]).any(-1).sum().item()
-        confusion += torch.bincount(y.cpu() * n + topk[:, 0].cpu(), minlength=n * n).view(n, n)
-        count += y.numel()
-    model.train(was_training)
-    if sharded:
-        # float64 sums integers exactly up to 2**53
-        totals_vec = torch.tensor([loss_sum, correct1, correct5, count], dtype=torch.float64, device=device)
-        totals_vec = all_sum(dist_env, torch.cat([totals_vec, confusion.flatten().to(device, torch.float64)]))
-        loss_sum, correct1, correct5, count = totals_vec[0].item(), *(int(v) for v in totals_vec[1:4].tolist())
-        confusion = totals_vec[4:].round().long().cpu().view(n, n)
-    if count == 0:
-        raise ValueError("evaluation data set is empty")
-    totals = confusion.sum(1).clamp(min=1)
-    per_class = {c: round(100.0 * confusion[i, i].item() / totals[i].item(), 2) for i, c in enumerate(classes)}
-    return EvalResult(
-        top1=round(100.0 * correct1 / count, 3),
-        top5=round(100.0 * correct5 / count, 3),
-        loss=round(loss_sum / count, 5),
-        num_images=count,
-        per_class=per_class,
-        confusion=confusion.tolist(),
-    )
+    from .objective import ClassificationObjective
+
+    autocast = partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp)
+    sync = dist_env is not None and dist_env.enabled
+    batches = shard_batches(loader.iter_epoch(0), dist_env)
+    res = ClassificationObjective(classes).evaluate(model, batches, device, autocast, sync)
+    return EvalResult(**res)

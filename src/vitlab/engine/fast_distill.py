@@ -50,6 +50,7 @@ from .distill import Teacher, load_teacher
 from .distributed import DistEnv, shard_batch
 from .logit_store import EpochLogits, LogitStore, LogitStoreError, StoreManifest
 from .setup import build_datasets, build_loader, model_img_size, resolve_device
+from .technique import Technique
 
 __all__ = [
     "StoredDistillation",
@@ -363,3 +364,21 @@ def build_stored_distillation(
         student.set_distilled_training(True)
     stored = StoredDistillation(store, loader, mixup, d.distill, d.distill_alpha, env)
     return stored, (stored.mix if mixup is not None else None), stored.distill
+
+
+def _install(setup: Any) -> None:
+    # TinyViT: stored teacher top-k + re-created augmentations; the loader, the mix and the loss change together
+    from .distill import DistillationObjective
+
+    loader, mix, distill = build_stored_distillation(setup.cfg, setup.model, setup.train_loader, setup.mix, setup.env)
+    setup.train_loader, setup.mix = loader, mix
+    setup.objective = DistillationObjective(setup.objective, distill)
+
+
+TECHNIQUE = Technique(
+    flag="--distill-from",
+    what="stored teacher logits",
+    is_on=lambda cfg: bool(cfg.distillation.distill_from),
+    excludes=("--teacher", "--resolutions"),
+    install=_install,
+)

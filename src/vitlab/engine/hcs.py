@@ -20,7 +20,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .callbacks import Callback
+from .technique import Technique
+
 __all__ = [
+    "ChannelSampling",
     "ChannelSubset",
     "apply_hcs",
     "hcs_generator",
@@ -102,3 +106,20 @@ class ChannelSubset(nn.Module):
             raise ValueError(f"expected input with {self.num_channels} channels, got {x.shape[1]}")
         x, kwargs = select_channels(x, self.model, self.channels)
         return self.model(x, **kwargs)
+
+
+class ChannelSampling(Callback):
+    """This step's random channel subset on this process's shard (the same draw on every rank)."""
+
+    def before_forward(self, state: Any, batch: dict[str, Any]) -> None:
+        batch["image"], batch["forward_kwargs"] = apply_hcs(batch["image"], state.model, state.cfg.seed, state.step)
+
+
+TECHNIQUE = Technique(
+    flag="--hcs",
+    what="channel sampling",
+    is_on=lambda cfg: cfg.hcs.hcs,
+    # a teacher or the extra resolutions would be handed the channel subset too
+    excludes=("--teacher", "--resolutions"),
+    install=lambda setup: setup.callbacks.append(ChannelSampling()),
+)

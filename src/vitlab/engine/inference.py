@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +17,23 @@ import torch.nn as nn
 from ..data import load_image, match_channels, normalize, resize_batch
 from ..errors import CheckpointError
 from ..models import create_model
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import load_weights, read_metadata
 from .config import RunConfig, load_config
 from .evaluate import EvalResult, evaluate_model
 from .hcs import ChannelSubset
 from .plots import plot_confusion
 from .setup import build_datasets, build_loader, resolve_device
+from .surgery import records_from_meta, replay
 
-__all__ = ["Prediction", "evaluate_run", "init_from_checkpoint", "load_trained", "predict"]
+__all__ = ["Prediction", "build_trained", "evaluate_run", "init_from_checkpoint", "load_trained", "predict"]
 
 
 def _resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
-    """(weights file, run directory or None); a run directory means its best checkpoint, else its last."""
+    """(weights file, run directory or None); a run directory means its final model, else its best, else its last."""
     path = Path(path)
     if path.is_dir():
-        for stem in ("best", "last"):
+        for stem in ("final", "best", "last"):
             if (path / "checkpoints" / f"{stem}.safetensors").is_file():
                 return path / "checkpoints" / f"{stem}.safetensors", path
         raise CheckpointError(
@@ -43,35 +49,116 @@ def _resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], Path | None]:
-    """Rebuild the model a vitlab checkpoint was trained as and load its weights (eval mode)."""
+    """Rebuild the model a vitlab checkpoint was trained as and load its weights (eval mode).
+
+    The checkpoint's surgery record (``engine/surgery.py``) is replayed around the loading: structural compression
+    (``reparam``) before the weights, token reduction after, so the model comes back as it was saved.
+    """
     weights, run = _resolve_checkpoint(path)
     meta = read_metadata(weights)
     missing = [k for k in ("model", "num_classes", "in_chans", "img_size") if k not in meta]
     if missing:
         raise CheckpointError(f"{str(weights)!r} lacks metadata {missing}; it was not written by vitlab train")
-    model = create_model(
-        meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"], img_size=meta["img_size"]
-    )
+    records = records_from_meta(meta)  # surgery (token reduction, compression), legacy meta["reduce"] included
+    model = build_trained(meta)
+    replay(model, records, "build")  # structural surgery first, so the saved state-dict keys fit
     load_weights(model, weights)
-    if meta.get("reduce"):  # trained with token reduction (--reduce): rebuilt as it was trained
-        from ..reduce import apply
-
-        apply(model, meta["reduce"]["method"], **meta["reduce"]["kwargs"])
+    replay(model, records, "loaded")
     return model.to(resolve_device(str(device))).eval(), meta, run
+
+
+def build_trained(meta: dict[str, Any]) -> nn.Module:
+    """The architecture a checkpoint's metadata names: a classifier, or a task model on its backbone."""
+    shape = {"num_classes": meta["num_classes"], "in_chans": meta["in_chans"], "img_size": meta["img_size"]}
+    if meta.get("task"):
+        from ..tasks import create_task_model
+
+        return create_task_model(meta["task"], backbone=meta["model"], **shape)
+    return create_model(meta["model"], **shape)
+
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+_NESTED_KEYS = ("state_dict", "model", "model_ema", "module")  # official training scripts' wrappers
+_EXPECTED = "a vitlab run directory, a .safetensors file or a PyTorch state dict (.pth/.pt/.bin)"
+
+
+def _reason(e: Exception) -> str:
+    """The first line of an exception, short enough for a one-line error."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors, written by vitlab train?) of a safetensors file or a ``torch.save``-d state dict."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix not in _TORCH_SUFFIXES:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                own = (f.metadata() or {}).get("format") == CHECKPOINT_FORMAT
+                names = f.keys()  # a safe_open handle is not iterable
+                return {k: f.get_tensor(k) for k in names}, own
+        except (SafetensorError, OSError, ValueError) as e:
+            if path.suffix == ".safetensors":
+                raise CheckpointError(
+                    f"--init-from {str(path)!r} is not a readable safetensors file ({_reason(e)}); expected {_EXPECTED}"
+                ) from e
+    try:  # weights_only: tensors and containers, never arbitrary objects from a downloaded file
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # garbage, or objects beyond tensors and containers
+        raise CheckpointError(
+            f"--init-from {str(path)!r} is not a pickle of plain tensors (torch.load with weights_only refused it); "
+            f"expected {_EXPECTED}"
+        ) from e
+    except Exception as e:  # arbitrary bytes fail in many ways (zip, struct, EOF, decoding)
+        raise CheckpointError(f"--init-from {str(path)!r} is unreadable ({_reason(e)}); expected {_EXPECTED}") from e
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not state:
+        raise CheckpointError(f"--init-from {str(path)!r} holds no state dict of tensors; expected {_EXPECTED}")
+    if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state, False
+
+
+def _filter_foreign(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Map an official / timm checkpoint onto ``model`` through its module's ``checkpoint_filter_fn``.
+
+    timm's convention: the module defining the model class may define ``checkpoint_filter_fn(state_dict,
+    model)`` (key renames, position-embedding resampling); a model without one gets the state unchanged.
+    """
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        return filter_fn(state, model)
+    except (KeyError, ValueError, RuntimeError, IndexError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"--init-from {str(path)!r} does not fit {type(model).__name__} ({_reason(e)}); "
+            "fine-tune the same architecture"
+        ) from e
 
 
 def init_from_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     """Fine-tuning start: copy a run's (or checkpoint's) weights into ``model``; returns the keys left as built.
 
-    Every key must exist in both with the same shape, except the classifier, which is left as built when the
-    class count differs (a new head for a new data set).
+    ``path`` is a vitlab run directory or checkpoint, a plain safetensors file, or a PyTorch state dict
+    (``.pth``/``.pt``/``.bin``, possibly under ``"model"``/``"state_dict"``/``"model_ema"``, as timm and
+    official repositories publish them, loaded with ``weights_only=True``). Files not written by vitlab
+    go through the model module's ``checkpoint_filter_fn`` when it has one. Every key must then exist in
+    both with the same shape, except the classifier, which is left as built when the class count differs
+    (a new head for a new data set).
     """
-    from safetensors.torch import load_file
-
     weights, _ = _resolve_checkpoint(path)
     if not weights.is_file():
-        raise CheckpointError(f"--init-from {str(path)!r} does not exist; expected a run directory or .safetensors")
-    state, own = load_file(str(weights)), model.state_dict()
+        raise CheckpointError(f"--init-from {str(path)!r} does not exist; expected {_EXPECTED}")
+    state, own_format = _read_weights(weights)
+    if not own_format:
+        state = _filter_foreign(state, model, weights)
+    own = model.state_dict()
     head = {k for k in own if k.startswith(("head.", "head_dist.", "aux_head."))}
     skipped = sorted(k for k in head if k in state and state[k].shape != own[k].shape)
     bad = [k for k in own if k not in head and (k not in state or state[k].shape != own[k].shape)]
@@ -92,8 +179,10 @@ def evaluate_run(
     device: str = "auto",
     out: str | Path | None = None,
     channels: str | Sequence[int] | None = None,
-) -> EvalResult:
+) -> EvalResult | dict[str, Any]:
     """Evaluate a run directory or checkpoint on its test split; writes eval.json and confusion.png.
+
+    A task model's run is scored by its own metrics (a dict of them; ``eval.json`` only).
 
     ``channels`` (``"0,2"``): show the model only these input channels (``engine/hcs.py``: ChannelViT gets
     their tokens alone, other models get the rest zeroed).
@@ -114,11 +203,20 @@ def evaluate_run(
         raise ValueError(
             f"the data set has {len(ds.classes)} classes but the checkpoint predicts {meta['num_classes']}"
         )
-    res = evaluate_model(model, build_loader(ds, cfg, train=False, in_chans=meta["in_chans"]), dev, meta["classes"])
+    loader = build_loader(ds, cfg, train=False, in_chans=meta["in_chans"])
     out_dir = (
         Path(out) if out is not None else (run / "eval" if run is not None else Path(path).with_suffix("") / "eval")
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if meta.get("task"):
+        from .evaluate import shard_batches
+        from .task_objective import TaskObjective
+
+        autocast = partial(torch.autocast, dev.type, enabled=False)
+        scores = TaskObjective(model).evaluate(model, shard_batches(loader.iter_batches(0), None), dev, autocast)
+        (out_dir / "eval.json").write_text(json.dumps(scores, indent=2))
+        return scores
+    res = evaluate_model(model, loader, dev, meta["classes"])
     res.to_json(out_dir / "eval.json")
     plot_confusion(
         res.confusion, meta["classes"], out_dir / "confusion.png", title=f"{meta['model']}: top-1 {res.top1:.2f}%"

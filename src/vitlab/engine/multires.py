@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import OptimConfig
+from .config import MultiResConfig
+from .objective import ObjectiveWrapper
+from .technique import Technique
 
 __all__ = [
     "MultiResolutionLoss",
@@ -126,14 +127,17 @@ class MultiResolutionLoss:
 
 
 def build_multires(
-    optim: OptimConfig, model: nn.Module, soft_loss: Criterion | None = None, total_steps: int = 1, seed: int = 0
+    optim: MultiResConfig,
+    model: nn.Module,
+    criterion: Criterion | None = None,
+    total_steps: int = 1,
+    seed: int = 0,
 ) -> MultiResolutionLoss | ResolutionCurriculum | None:
     """The training-step loss of ``--resolutions`` or ``--native-after`` (None when neither is set).
 
-    ``soft_loss``: the criterion for mixed (soft) targets when mixup/cutmix is on; otherwise cross-entropy with
-    the run's label smoothing.
+    ``criterion(logits, target)``: the classification loss (default: cross-entropy).
     """
-    criterion = soft_loss or partial(F.cross_entropy, label_smoothing=optim.label_smoothing)
+    criterion = criterion or F.cross_entropy
     if optim.native_after is not None:
         if optim.resolutions:
             raise ValueError("--native-after (resolution curriculum) cannot be combined with --resolutions")
@@ -199,3 +203,45 @@ class ResolutionCurriculum:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             logits = self.model.forward_packed(varied_resolution_images(x, self.patch_size, g))
         return logits, self.criterion(logits, target)
+
+
+class MultiResolutionObjective(ObjectiveWrapper):
+    """The wrapped objective's classification loss over several resolutions, or the resolution curriculum."""
+
+    def __init__(self, base, loss_fn: MultiResolutionLoss | ResolutionCurriculum) -> None:
+        super().__init__(base)
+        self.loss_fn = loss_fn
+
+    def step(self, net: nn.Module, batch: dict, step: int) -> dict:
+        out, loss = self.loss_fn(net, batch["image"], batch.get("target", batch["label"]), step)
+        return {"loss": loss, "output": out, **self.base.logs(out, batch)}
+
+
+def _install(setup) -> None:
+    loss_fn = build_multires(
+        setup.cfg.multires, setup.model, setup.objective.criterion, setup.total_steps, setup.cfg.seed
+    )
+    setup.objective = MultiResolutionObjective(setup.objective, loss_fn)
+
+
+def _validate(cfg) -> None:
+    parse_resolutions(cfg.multires.resolutions)  # a clear error naming --resolutions
+    after = cfg.multires.native_after
+    if after is not None and not 0 <= after <= 1:
+        raise ValueError(f"--native-after must be a fraction of training in [0, 1], got {after!r}")
+
+
+TECHNIQUE = Technique(
+    flag="--resolutions",
+    what="multi-resolution training",
+    is_on=lambda cfg: bool(cfg.multires.resolutions),
+    excludes=("--teacher", "--native-after"),
+    validate=_validate,
+    install=_install,
+)
+CURRICULUM = Technique(
+    flag="--native-after",
+    what="resolution curriculum",
+    is_on=lambda cfg: cfg.multires.native_after is not None,
+    install=_install,
+)

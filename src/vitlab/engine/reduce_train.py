@@ -21,8 +21,10 @@ import torch
 import torch.nn as nn
 
 from ..reduce import METHODS, apply, schedule_of, set_schedule
+from .objective import ObjectiveWrapper
+from .technique import Technique
 
-__all__ = ["ReduceTrainer", "build_reduce_trainer", "reduce_kwargs"]
+__all__ = ["ReduceObjective", "ReduceTrainer", "build_reduce_trainer", "reduce_kwargs"]
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -112,3 +114,52 @@ def build_reduce_trainer(
     method; MCTF introduced it)."""
     apply(model, method, **kwargs)
     return ReduceTrainer(model, method, criterion, consistency, threshold)
+
+
+class ReduceObjective(ObjectiveWrapper):
+    """The wrapped objective's loss on the reduced model, plus MCTF's consistency term when asked."""
+
+    def __init__(self, base: Any, trainer: ReduceTrainer) -> None:
+        super().__init__(base)
+        self.trainer = trainer
+
+    def step(self, net: nn.Module, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        target = batch.get("target", batch["label"])
+        out, loss = self.trainer(net, batch["image"], target, batch["label"])
+        return {"loss": loss, "output": out, **self.base.logs(out, batch)}
+
+
+def _kwargs(cfg: Any) -> dict[str, Any]:
+    red = cfg.reduction
+    return reduce_kwargs(red.reduce_r, red.reduce_keep, red.reduce_layers)
+
+
+def _adapt_model(setup: Any) -> None:
+    # before the EMA copy and DDP, so both hold the reduced model; checkpoints replay it (engine/surgery.py)
+    from . import surgery
+
+    surgery.apply(setup.model, "reduce", setup.cfg.reduction.reduce, **_kwargs(setup.cfg))
+
+
+def _install(setup: Any) -> None:
+    red = setup.cfg.reduction
+    trainer = ReduceTrainer(
+        setup.model, red.reduce, setup.objective.criterion, red.reduce_consistency, red.reduce_consistency_threshold
+    )
+    setup.objective = ReduceObjective(setup.objective, trainer)
+
+
+def _validate(cfg: Any) -> None:
+    if not cfg.reduction.reduce and cfg.reduction.reduce_consistency:
+        raise ValueError("--reduce-consistency needs --reduce METHOD")
+
+
+TECHNIQUE = Technique(
+    flag="--reduce",
+    what="token reduction",
+    is_on=lambda cfg: bool(cfg.reduction.reduce),
+    excludes=("--resolutions", "--hcs"),
+    validate=_validate,
+    adapt_model=_adapt_model,
+    install=_install,
+)

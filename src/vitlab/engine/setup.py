@@ -11,10 +11,20 @@ from ..bench._checks import check_device
 from ..data import BatchLoader, ImageFolderDataset, TensorImageDataset, load_fashion_mnist, make_synthetic
 from ..data.errors import ChannelMismatchError
 from ..data.multichannel import load_fashion_mnist_multichannel
+from ..data.synthetic import GENERATORS as SCENE_SETS
+from ..data.synthetic import make_dataset
 from ..models import create_model, get_variant
 from .config import RunConfig
 
-__all__ = ["build_datasets", "build_loader", "build_model", "resolve_device"]
+__all__ = [
+    "backbone_name",
+    "build_datasets",
+    "build_loader",
+    "build_model",
+    "model_img_size",
+    "resolve_device",
+    "split_holdout",
+]
 
 Dataset = TensorImageDataset | ImageFolderDataset
 
@@ -29,8 +39,24 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device: {e}; --device auto picks what this machine has") from e
 
 
+TASK_IMG_SIZE = 64  # task models on generated scenes default to 64 px canvases
+
+
 def model_img_size(cfg: RunConfig) -> int:
-    return cfg.model.img_size or get_variant(cfg.model.model).img_size
+    if cfg.model.img_size:
+        return cfg.model.img_size
+    return TASK_IMG_SIZE if cfg.task.task else get_variant(cfg.model.model).img_size
+
+
+def split_holdout(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """``(train, val)``: a seeded ``fraction`` of ``ds`` held out for choosing checkpoints (``--val-fraction``)."""
+    if not hasattr(ds, "subset"):
+        raise ValueError("--val-fraction needs an in-memory data set (Fashion-MNIST, synthetic or generated scenes)")
+    n_val = round(len(ds) * fraction)
+    if not 0 < n_val < len(ds):
+        raise ValueError(f"--val-fraction {fraction} holds out {n_val} of {len(ds)} training images; need 1..n-1")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 7919))
+    return ds.subset(order[n_val:].sort().values), ds.subset(order[:n_val].sort().values)
 
 
 def build_datasets(cfg: RunConfig, splits: tuple[str, ...] = ("train", "test")) -> dict[str, Dataset]:
@@ -43,6 +69,11 @@ def build_datasets(cfg: RunConfig, splits: tuple[str, ...] = ("train", "test")) 
             ds: Dataset = load_fashion_mnist(d.data_dir, split=split)
         elif d.dataset == "fashion_mnist_multichannel":  # builds its 4 views for the kept items only
             ds = load_fashion_mnist_multichannel(d.data_dir, split=split, subset=subset, seed=cfg.seed)
+        elif d.dataset in SCENE_SETS:  # generated dense-prediction scenes (data/synthetic), cached
+            n = subset or (10_000 if split == "train" else 2_000)
+            ds = make_dataset(
+                d.dataset, split=split, n=n, seed=cfg.seed, canvas=model_img_size(cfg), data_dir=d.data_dir
+            )
         elif d.dataset == "synthetic":
             ds = make_synthetic(n=subset or 512, seed=cfg.seed + (0 if split == "train" else 1))
         else:
@@ -85,7 +116,25 @@ def build_loader(
         raise ChannelMismatchError(f"--in-chans {in_chans} does not fit the data: {e}") from None
 
 
+def backbone_name(cfg: RunConfig) -> str:
+    """The model name a run builds: ``--backbone`` for a task model when given, else ``--model``."""
+    return (cfg.task.task and cfg.task.backbone) or cfg.model.model
+
+
 def build_model(cfg: RunConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """The classifier, or with ``--task`` the task model on its backbone."""
+    if cfg.task.task:
+        from ..tasks import create_task_model
+
+        extra = {} if cfg.model.drop_path_rate is None else {"drop_path_rate": cfg.model.drop_path_rate}
+        return create_task_model(
+            cfg.task.task,
+            backbone=backbone_name(cfg),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            img_size=model_img_size(cfg),
+            backbone_kwargs=extra or None,
+        )
     kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
     if cfg.model.img_size is not None:
         kwargs["img_size"] = cfg.model.img_size

@@ -44,6 +44,9 @@ __all__ += ["ConvFfn"]
 from .msa_conv import MSAConv, msa_conv_windows
 
 __all__ += ["MSAConv", "msa_conv_windows"]
+from .necks import FeaturePyramidNeck, SimpleFeaturePyramid
+
+__all__ += ["FeaturePyramidNeck", "SimpleFeaturePyramid"]
 from .packing import PackedSequences, pack_sequences
 
 __all__ += ["PackedSequences", "pack_sequences"]

@@ -6,15 +6,22 @@ log-size for proportional attention), never in the softmax, which stays on
 wider than queries/keys (S2AFormer's channel-compressed strips) no fused kernel applies and SDPA's math
 fallback (with its "safe" softmax) runs 2-6x slower on CPU than the three explicit ops, so ``attend``
 writes them out itself, with SDPA's semantics (bias, bool mask, dropout, fully masked rows -> 0).
+
+This module also gives ``torch.utils.flop_counter`` a formula for the CPU fused kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), which torch's counter lacks
+(2.14 included) while it counts the CUDA kernels and the math path, so CPU counts agree with ``meta``/CUDA.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 __all__ = ["Attention", "attend"]
 
@@ -98,3 +105,37 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         x = attend(q, k, v, bias, self.attn_drop if self.training else 0.0, self.scale)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+def _sdpa_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *_: Any, **__: Any) -> int:
+    """``q kᵀ`` plus ``p v``, 2 FLOPs per multiply-accumulate, as torch counts its CUDA SDPA kernels.
+
+    Masks and ``is_causal`` do not lower the count (torch's formulas do not either).
+    """
+    # q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv); the query's leading dims count (k/v heads may be fewer: GQA)
+    Nq, D = query_shape[-2:]
+    return 2 * math.prod(query_shape[:-2]) * Nq * key_shape[-2] * (D + value_shape[-1])
+
+
+def _sdpa_backward_flops(
+    grad_out_shape: torch.Size,
+    query_shape: torch.Size,
+    key_shape: torch.Size,
+    value_shape: torch.Size,
+    *_: Any,
+    **__: Any,
+) -> int:
+    """Backward: recompute ``q kᵀ``, then ``dp = do vᵀ``, ``dv = pᵀ do``, ``dq = ds k``, ``dk = dsᵀ q``."""
+    Nq, D = query_shape[-2:]
+    return 2 * math.prod(query_shape[:-2]) * Nq * key_shape[-2] * (3 * D + 2 * value_shape[-1])
+
+
+# NOTE: registered once per process and only where torch has no formula of its own, so a torch that
+# gains one keeps it; getattr because an op missing from some torch build must not break the import.
+for _name, _formula in (
+    ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_flops),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops),
+):
+    _op = getattr(torch.ops.aten, _name, None)
+    if _op is not None and _op not in flop_registry:
+        register_flop_formula(_op)(_formula)

@@ -72,7 +72,7 @@ def is_reduced(model: nn.Module) -> bool:
 def apply(model: nn.Module, method: str, **kwargs: Any) -> nn.Module:
     """Patch ``model`` in place with a token-reduction ``method`` and return it.
 
-    Keywords are the method's: ToMe ``r`` (int or per-block list), ``inflect``; EViT ``keep``,
+    Keywords are the method's: ToMe ``r`` (int or per-block list; default 13 at 12 blocks), ``inflect``; EViT ``keep``,
     ``layers``; ATS ``keep``, ``layers``, ``pad_to_budget``; MCTF ``r``, ``layers``, ``tau_sim``,
     ``tau_info``, ``tau_size``, ``bidirectional``, ``one_step_ahead`` (``"precise"`` or the official
     evaluation's ``"approx"``). The per-block schedule is fixed here. Blocks before the first reducing

@@ -5,26 +5,39 @@ Each reducing block splits the patch tokens alternately into sets A and B, links
 its most similar B token (cosine of the keys averaged over heads), and merges the ``r`` most similar
 A tokens into their partners by a size-weighted average (Sec. 3). Later blocks add ``log(size)`` to
 the attention logits (proportional attention).
+Default amount: ToMe's off-the-shelf setting for 12-block ViTs at 224 px (r = 13 for ViT-S/B/16 and
+DeiT-Ti/S/16 in the official README: 196 -> 40 patch tokens, 1.6x img/s for about 2 points off the shelf,
+0.5 after training), its 156 merges spread over the host's depth (rounded up: r = 7 at 24 blocks, the
+README's choice for ViT-L/16).
 Deviation: prefix tokens (class, distillation, register) are left out of the matching altogether
 instead of being protected with ``-inf`` scores, so the A/B alternation starts at the first patch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from ._runtime import Method, Plan, Signals, TokenState, prefix_plan
 
-__all__ = ["METHOD", "bipartite_soft_matching", "schedule"]
+__all__ = ["DEFAULT_MERGES", "METHOD", "bipartite_soft_matching", "schedule"]
 
 
-def schedule(depth: int, r: int | Sequence[int] = 0, inflect: float = 0.0) -> list[float]:
+DEFAULT_MERGES = 13 * 12  # ToMe's r = 13 over the 12 blocks of ViT-S/B/16 at 224 px (module docstring)
+
+
+def schedule(depth: int, r: int | Sequence[int] | None = None, inflect: float = 0.0) -> list[float]:
     """Tokens merged per block: a constant ``r``, ToMe's ``(r, inflect)`` trend, or an explicit list.
 
+    ``r=None`` is ``ceil(DEFAULT_MERGES / depth)`` (13 at 12 blocks); ``r=0`` leaves the model exact.
+    The default assumes ViT-B's 196 patches; a block merges at most half its tokens, and a host with far
+    fewer (49 at 28 px) ends with almost none left: pass a smaller ``r`` there (as with MCTF's default).
     ``inflect=-1`` is the paper's decreasing schedule (2r at the first block down to 0), ``+1`` increasing.
     """
+    if r is None:
+        r = math.ceil(DEFAULT_MERGES / max(depth, 1))
     if not isinstance(r, int):
         r = [int(v) for v in r]
         if len(r) > depth or min(r, default=0) < 0:

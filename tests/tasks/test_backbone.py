@@ -1,0 +1,43 @@
+"""``BackbonePyramid``: which maps it taps from each topology, and the errors for backbones it cannot use."""
+
+import pytest
+import torch
+
+import vitlab
+from vitlab.tasks import BackbonePyramid
+
+TINY_VIT = {"embed_dim": 32, "depth": 4, "num_heads": 2}
+
+
+def test_isotropic_last_map_or_one_block_per_level():
+    last = BackbonePyramid("vit_micro_patch4_28", in_chans=1, img_size=32, out_channels=8, backbone_kwargs=TINY_VIT)
+    assert last.is_isotropic
+    assert last.indices == [3]
+    assert last.out_strides == (4, 8)
+    spread = BackbonePyramid(
+        "vit_micro_patch4_28",
+        in_chans=1,
+        img_size=32,
+        out_channels=8,
+        backbone_kwargs=TINY_VIT,
+        isotropic_maps="per_level",
+    )
+    assert spread.indices == [1, 3]  # deeper blocks feed coarser levels
+    maps = spread(torch.randn(2, 1, 32, 32))
+    assert [tuple(m.shape) for m in maps] == [(2, 8, 8, 8), (2, 8, 4, 4)]
+    with pytest.raises(ValueError, match="isotropic_maps"):
+        BackbonePyramid("vit_micro_patch4_28", in_chans=1, img_size=32, backbone_kwargs=TINY_VIT, isotropic_maps=2)
+
+
+def test_hierarchical_cnn_skips_the_stride_2_stem():
+    pyramid = BackbonePyramid("resnet18", in_chans=3, img_size=32, out_channels=8)
+    assert not pyramid.is_isotropic
+    assert pyramid.indices == [1, 2, 3, 4]
+    assert pyramid.out_strides == (4, 8, 16, 32)
+    maps = pyramid(torch.randn(1, 3, 33, 33))  # odd size: padded convolutions round up
+    assert [tuple(m.shape[-2:]) for m in maps] == [(9, 9), (5, 5), (3, 3), (2, 2)]
+
+
+def test_unknown_backbone_suggests_close_names():
+    with pytest.raises(vitlab.UnknownModelError, match="resnet18"):
+        BackbonePyramid("resnet81", in_chans=3, img_size=32)

@@ -1,0 +1,231 @@
+"""The task-model contract, checked for every registered task on two backbones of different topology.
+
+Each task declares its ``test_backbones`` (one isotropic, one hierarchical) and tiny ``test_kwargs``; backbones
+are built from their own tiny ``test_kwargs``. Everything runs on the task's ``example_batch``.
+"""
+
+import json
+
+import pytest
+import torch
+
+import vitlab
+from vitlab.errors import VitlabError
+from vitlab.models import VARIANTS, get_variant
+from vitlab.tasks import (
+    TaskModel,
+    UnknownTaskError,
+    create_task_model,
+    feature_dicts,
+    get_task,
+    list_tasks,
+    register_task,
+)
+
+CASES = [(name, backbone) for name in list_tasks() for backbone in get_task(name).test_backbones]
+IDS = [f"{name}-{backbone}" for name, backbone in CASES]
+
+
+def _build(name: str, backbone: str, **kw) -> TaskModel:
+    # the backbone's own tiny configuration, at the task's image size
+    tiny = get_variant(backbone).test_kwargs if backbone in VARIANTS else {}
+    tiny = {k: v for k, v in tiny.items() if k != "img_size"}
+    return create_task_model(name, backbone, backbone_kwargs=tiny, **{**get_task(name).test_kwargs, **kw})
+
+
+def _batch(model: TaskModel) -> dict:
+    return model.example_batch(batch_size=2, generator=torch.Generator().manual_seed(0))
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output
+    return [t for v in values for t in _tensors(v)]
+
+
+def test_registry_lists_tasks_and_public_names():
+    assert "segmentation" in list_tasks()
+    assert vitlab.list_tasks() == list_tasks()
+    assert list_tasks("seg*") == ["segmentation"]
+    assert list_tasks("nothing*") == []
+    for name in list_tasks():
+        spec = get_task(name)
+        assert len(spec.test_backbones) == 2
+        assert spec.exportable or spec.export_reason
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_test_backbones_differ_in_topology(name):
+    # one isotropic and one hierarchical backbone, so both necks are exercised
+    reductions = []
+    for backbone in get_task(name).test_backbones:
+        model = _build(name, backbone)
+        assert model.backbone_name == backbone
+        reductions.append({d["reduction"] for d in feature_dicts(model.pyramid.backbone)})
+    assert sorted(len(r) > 1 for r in reductions) == [False, True]
+
+
+@pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)
+def test_attributes_and_example_batch_schema(name, backbone):
+    model = _build(name, backbone)
+    spec = get_task(name)
+    assert model.task_name == name
+    assert (model.primary_metric, model.higher_is_better) == (spec.metric, spec.higher_is_better)
+    assert model.img_size == spec.test_kwargs.get("img_size", spec.img_size)
+    assert (model.num_classes, model.in_chans) == (spec.num_classes, spec.in_chans)
+    batch = _batch(model)
+    assert set(model.batch_keys) | set(model.target_keys) <= set(batch)
+    image = batch["image"]
+    assert image.dtype == torch.float32
+    assert image.shape == (2, model.in_chans, model.img_size, model.img_size)
+    again = _batch(model)
+    assert all(torch.equal(batch[k], again[k]) for k in batch)  # deterministic for a seeded generator
+
+
+@pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)
+def test_forward_backward_loss_and_postprocess(name, backbone):
+    model = _build(name, backbone).train()
+    batch = _batch(model)
+    output = model(batch["image"])
+    assert all(torch.isfinite(t).all() for t in _tensors(output))
+    losses = model.loss(output, batch)
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
+    # predictions come back in the batch schema: one per target, with the target's shape and dtype
+    with torch.no_grad():
+        preds = model.postprocess(model.eval()(batch))  # forward also takes the batch dict
+    for key in model.target_keys:
+        assert preds[key].shape == batch[key].shape, key
+        assert preds[key].dtype == batch[key].dtype, key
+
+
+@pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)
+def test_overfits_example_batch(name, backbone):
+    model = _build(name, backbone).train()
+    batch = _batch(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = model.loss(model(batch["image"]), batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)
+def test_metrics_summary(name, backbone):
+    model = _build(name, backbone).eval()
+    batch = _batch(model)
+    metrics = model.build_metrics()
+    assert all(m.device.type == "cpu" for m in metrics.values())
+    with torch.no_grad():
+        for _ in range(2):
+            model.update_metrics(metrics, model(batch["image"]), batch)
+    summary = model.summarize_metrics(metrics)
+    assert model.primary_metric in summary
+    assert isinstance(summary[model.primary_metric], float)
+    json.dumps(summary, allow_nan=False)  # plain numbers, no tensors or NaN
+
+
+def test_segmentation_metrics_values():
+    model = _build("segmentation", "vit_micro_patch4_28")
+    batch = _batch(model)
+    target = batch["semantic"]
+    # logits that put the target class first: a perfect prediction wherever the pixel is labelled
+    perfect = torch.nn.functional.one_hot(target.clamp(max=model.num_classes - 1), model.num_classes)
+    metrics = model.build_metrics()
+    model.update_metrics(metrics, perfect.permute(0, 3, 1, 2).float(), batch)
+    summary = model.summarize_metrics(metrics)
+    assert summary["miou"] == pytest.approx(100.0)
+    assert summary["pixel_acc"] == pytest.approx(100.0)
+    present = set(target[target != 255].unique().tolist())
+    assert len(summary["iou_per_class"]) == model.num_classes
+    for k, iou in enumerate(summary["iou_per_class"]):
+        assert (iou is None) == (k not in present)
+    # no labelled pixel: loss 0, not NaN
+    ignored = {**batch, "semantic": torch.full_like(target, 255)}
+    assert model.loss(perfect.permute(0, 3, 1, 2).float(), ignored)["loss"].item() == 0.0
+
+
+@pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)
+def test_state_dict_round_trip(name, backbone):
+    a, b = _build(name, backbone).eval(), _build(name, backbone).eval()
+    b.load_state_dict(a.state_dict())
+    image = _batch(a)["image"]
+    with torch.no_grad():
+        ya = a(image)
+        assert all(torch.equal(u, v) for u, v in zip(_tensors(ya), _tensors(a(image)), strict=True))
+        assert all(torch.equal(u, v) for u, v in zip(_tensors(ya), _tensors(b(image)), strict=True))
+
+
+@pytest.mark.export
+@pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)
+def test_torch_export(name, backbone):
+    if backbone in VARIANTS and not get_variant(backbone).exportable:
+        pytest.skip(f"backbone {backbone} declares exportable=False: {get_variant(backbone).export_reason}")
+    model = _build(name, backbone).eval()
+    image = _batch(model)["image"]
+    if not get_task(name).exportable:
+        with pytest.raises(Exception):  # noqa: B017, PT011  (the declared reason, whatever torch raises)
+            torch.export.export(model, (image,))
+        return
+    program = torch.export.export(model, (image,))
+    with torch.no_grad():
+        for u, v in zip(_tensors(program.module()(image)), _tensors(model(image)), strict=True):
+            assert torch.allclose(u, v, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)
+def test_bad_input_is_named(name, backbone):
+    model = _build(name, backbone).eval()
+    image = _batch(model)["image"]
+    with pytest.raises(ValueError, match=rf"image must be \(B, {model.in_chans}, H, W\)"):
+        model(torch.randn(2, model.in_chans + 2, model.img_size, model.img_size))
+    with pytest.raises(ValueError, match="image must be"):
+        model(image[0])
+    with pytest.raises(ValueError, match="image must be a normalised float"):
+        model(image.long())
+    with pytest.raises(ValueError, match="batch has no 'image'"):
+        model({"pixels": image})
+
+
+def test_bad_target_is_named():
+    model = _build("segmentation", "vit_micro_patch4_28")
+    batch = _batch(model)
+    output = model(batch["image"])
+    with pytest.raises(ValueError, match=r"batch\['semantic'\]"):
+        model.loss(output, {**batch, "semantic": batch["semantic"][:, :4]})
+    with pytest.raises(ValueError, match=r"batch\['semantic'\]"):
+        model.loss(output, {**batch, "semantic": batch["semantic"].float()})
+
+
+def test_unknown_names_suggest_close_ones():
+    with pytest.raises(UnknownTaskError, match="Did you mean: segmentation"):
+        create_task_model("segmentaton")
+    assert issubclass(UnknownTaskError, ValueError)
+    assert issubclass(UnknownTaskError, VitlabError)
+    with pytest.raises(vitlab.UnknownModelError, match="vit_micro_patch4_28"):
+        create_task_model("segmentation", "vit_micro_patch4_29")
+
+
+@pytest.mark.parametrize("bad", [{"num_classes": 0}, {"in_chans": -1}, {"img_size": "big"}])
+def test_bad_constructor_arguments_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        create_task_model("segmentation", **bad)
+
+
+def test_register_task_checks_the_spec():
+    spec = get_task("segmentation")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_task(spec)
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="reports 'miou'"):
+        register_task(replace(spec, name="segmentation_wrong_metric", metric="pixel_acc"))
+    with pytest.raises(ValueError, match="export_reason"):
+        register_task(replace(spec, name="segmentation_no_reason", exportable=False))
