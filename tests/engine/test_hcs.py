@@ -22,7 +22,7 @@ from vitlab.engine.hcs import (
     supports_channel_subsets,
 )
 
-train_module = importlib.import_module("vitlab.engine.train")
+train_module = importlib.import_module("vitlab.engine.hcs")  # where the channel-sampling callback draws
 TINY = {"embed_dim": 16, "depth": 1, "num_heads": 2, "img_size": 16, "patch_size": 8, "in_chans": 4, "num_classes": 3}
 
 
@@ -132,7 +132,7 @@ def test_train_with_hcs_uses_channel_subsets(hcs_run):
     run, seen = hcs_run
     assert len(seen) == 2
     assert all(1 <= n <= 4 for n in seen)
-    assert json.loads((run / "config.json").read_text())["optim"]["hcs"] is True
+    assert json.loads((run / "config.json").read_text())["hcs"]["hcs"] is True  # its own config group
     assert (run / "checkpoints" / "last.safetensors").is_file()
 
 
