@@ -80,4 +80,5 @@ TECHNIQUE = Technique(
     is_on=lambda cfg: bool(cfg.task.task),
     excludes=_CLASSIFICATION_ONLY,
     validate=_validate,
+    install=lambda setup: setattr(setup, "objective", TaskObjective(setup.model)),
 )

@@ -45,7 +45,6 @@ from .setup import (
 )
 from .state import TrainState, restore_state, truncate_metrics
 from .surgery import surgery_of
-from .task_objective import TaskObjective
 from .technique import Setup
 from .techniques import install_techniques
 
@@ -167,7 +166,7 @@ def _build(cfg: RunConfig, env: DistEnv, device: torch.device) -> tuple[Setup, d
         setup.mix = Mixup(
             mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, label_smoothing=o.label_smoothing, num_classes=len(classes)
         )
-    setup.objective = TaskObjective(model) if cfg.task.task else ClassificationObjective(classes, o.label_smoothing)
+    setup.objective = ClassificationObjective(classes, o.label_smoothing)  # --task swaps in the task model's
     install_techniques(setup, "install")
     return setup, data, optimizer, scheduler, ema
 
