@@ -130,3 +130,142 @@ def test_reduce_reports_tokens_and_flops(run_dir, capsys):
     assert "tokens after block" in out
     assert "GFLOPs" in out
     assert run(["reduce", "tiny_vit_1m_28", "--method", "tome", "--r", "4"]) == 2  # not an isotropic ViT
+
+
+def test_list_kind_h_shows_task_models(capsys):
+    assert run(["list", "--kind", "H"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[0] == "segmentation" for line in lines)
+
+
+def test_data_make_writes_scenes_preview_and_info(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "scenes"
+    assert run(["data", "make", "fmnist_scenes", "--out", str(out), "--n", "8", "--canvas", "32"]) == 0
+    assert str(out) in capsys.readouterr().out
+    for name in ("preview.png", "info.json", "scenes.npz"):
+        assert (out / name).stat().st_size > 0, name
+    info = json.loads((out / "info.json").read_text())
+    assert info["num_scenes"] == 8
+    assert info["img_size"] == [32, 32]
+
+
+def test_data_make_unknown_generator_is_one_line(tmp_path, capsys):
+    assert run(["data", "make", "no_such_set", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "fmnist_scenes" in err
+    assert err.strip().count("\n") == 0
+
+
+@pytest.mark.export
+def test_export_model_name_to_torch_export(tmp_path, capsys):
+    assert run(["export", "vit_micro_patch4_28", "--format", "torch.export", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("ok")
+    assert (tmp_path / "vit_micro_patch4_28.pt2").stat().st_size > 0
+
+
+def test_export_unknown_target_is_one_line(tmp_path, capsys):
+    assert run(["export", "no_such_model", "--format", "torch.export", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_model" in err
+    assert "Traceback" not in err
+    assert err.strip().count("\n") == 0
+
+
+def _options(path: tuple[str, ...]) -> list:
+    import argparse
+
+    from vitlab.cli import build_parser
+
+    parser = build_parser()
+    for name in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return [a for a in parser._actions if any(o.startswith("--") for o in a.option_strings)]
+
+
+@pytest.mark.parametrize("path", [("train",), ("distill", "save-logits"), ("export",), ("data", "make")])
+def test_every_flag_has_a_help_line(path):
+    actions = _options(path)
+    assert len(actions) > 3
+    bare = [a.option_strings[-1] for a in actions if not a.help or a.help.startswith("(default")]
+    assert not bare, f"flags without a help text: {bare}"
+
+
+def test_train_help_describes_val_fraction(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(["train", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+    assert "--val-fraction" in text
+    assert "hold out this fraction of the training images" in text
+    assert "--task" in text
+    assert "--backbone" in text
+
+
+TINY_TASK_TRAIN = [
+    "train",
+    "--task",
+    "segmentation",
+    "--backbone",
+    "vit_micro_patch4_28",
+    "--dataset",
+    "fmnist_scenes",
+    "--img-size",
+    "32",
+    "--train-subset",
+    "32",
+    "--test-subset",
+    "16",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "1",
+    "--device",
+    "cpu",
+    "--name",
+    "seg",
+]
+
+
+@pytest.fixture(scope="module")
+def task_run_dir(tmp_path_factory):
+    # generated scenes go to a temporary cache for as long as the module's tests use the run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VITLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+        out = tmp_path_factory.mktemp("task_runs")
+        assert run([*TINY_TASK_TRAIN, "--out", str(out)]) == 0
+        yield out / "seg"
+
+
+def test_task_train_reports_its_metric(task_run_dir):
+    summary = json.loads((task_run_dir / "summary.json").read_text())
+    assert summary["primary_metric"] == "miou"
+    assert summary["steps"] == 2
+    assert 0 <= summary["test_miou"] <= 100
+
+
+def test_task_eval_prints_its_metrics(task_run_dir, tmp_path, capsys):
+    assert run(["eval", str(task_run_dir), "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    miou = next(line for line in lines if line.split()[0] == "miou")
+    assert 0 <= float(miou.split()[1]) <= 100
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["num_images"] == 16
+
+
+def test_task_predict_writes_an_overlay(task_run_dir, tmp_path, capsys):
+    img = tmp_path / "some.png"
+    Image.fromarray((torch.rand(40, 40) * 255).byte().numpy()).save(img)
+    out = tmp_path / "overlays"
+    assert run(["predict", str(img), "--checkpoint", str(task_run_dir), "--out", str(out)]) == 0
+    assert str(out / "some.png") in capsys.readouterr().out
+    with Image.open(out / "some.png") as overlay:
+        assert overlay.size == (64, 32)  # the input beside its prediction, at the run's 32 px
+        assert overlay.mode == "RGB"
+
+
+@pytest.mark.export
+def test_task_run_exports_to_onnx(task_run_dir, tmp_path, capsys):
+    assert run(["export", str(task_run_dir), "--format", "onnx", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("ok")
+    assert (tmp_path / "vit_micro_patch4_28.onnx").stat().st_size > 0

@@ -86,7 +86,7 @@ class OptimConfig:
 
 @dataclass
 class TaskConfig:
-    """Task models (``vitlab list-tasks``): a backbone by name + neck + head, trained on dict batches."""
+    """Task models (``vitlab list --kind H``): a backbone by name + neck + head, trained on dict batches."""
 
     task: str = opt("", "train a task model instead of a classifier, e.g. segmentation ('': classification)")
     backbone: str = opt("", "with --task: the backbone's model name (default: --model)")
