@@ -164,6 +164,13 @@ def test_export_model_name_to_torch_export(tmp_path, capsys):
     assert (tmp_path / "vit_micro_patch4_28.pt2").stat().st_size > 0
 
 
+@pytest.mark.export
+def test_export_into_a_folder_that_does_not_exist_yet(tmp_path, capsys):
+    out = tmp_path / "exports"  # no suffix: a folder, made on the way
+    assert run(["export", "vit_micro_patch4_28", "--format", "torch.export", "--out", str(out)]) == 0
+    assert (out / "vit_micro_patch4_28.pt2").is_file()
+
+
 def test_export_unknown_target_is_one_line(tmp_path, capsys):
     assert run(["export", "no_such_model", "--format", "torch.export", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -184,10 +191,13 @@ def _options(path: tuple[str, ...]) -> list:
     return [a for a in parser._actions if any(o.startswith("--") for o in a.option_strings)]
 
 
-@pytest.mark.parametrize("path", [("train",), ("distill", "save-logits"), ("export",), ("data", "make")])
+VERBS = [("list",), ("info",), ("train",), ("eval",), ("predict",), ("bench",), ("reduce",), ("export",)]
+
+
+@pytest.mark.parametrize("path", [*VERBS, ("distill", "save-logits"), ("data", "make")])
 def test_every_flag_has_a_help_line(path):
     actions = _options(path)
-    assert len(actions) > 3
+    assert len(actions) >= 2  # --help and at least one of the verb's own
     bare = [a.option_strings[-1] for a in actions if not a.help or a.help.startswith("(default")]
     assert not bare, f"flags without a help text: {bare}"
 

@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model or a trained run (surgery included) and check the export")
     p.add_argument("target", help="a model name (random weights) or a run directory / checkpoint")
     p.add_argument("--format", choices=["onnx", "torch.export"], default="onnx", help="exporter (default onnx)")
-    p.add_argument("--out", required=True, help="output file, or a directory for model.onnx / model.pt2")
+    p.add_argument("--out", required=True, help="output file (.onnx / .pt2), or a directory that gets <model>.onnx / .pt2")
     p.add_argument("--device", default="cpu", help="device the model and the check run on (default cpu)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest |exported - PyTorch| accepted")
     p.set_defaults(fn=cmd_export)

@@ -3,6 +3,7 @@
 import importlib
 import json
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,16 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
 def test_bad_config_values_are_named(tmp_path):
     with pytest.raises(ValueError, match="--lr"):
         train(_cfg(tmp_path, "bad", lr=-1.0))
+
+
+def test_a_short_run_says_so_and_steps_set_the_length(tmp_path):
+    cfg = _cfg(tmp_path, "short")
+    cfg.data.train_subset, cfg.data.test_subset, cfg.model.model = 64, 32, "vit_micro_patch4_28"
+    with pytest.warns(UserWarning, match=r"only 4 optimizer steps .* --steps 1000"):
+        train(cfg)
+    cfg = _cfg(tmp_path, "by_steps", steps=3)  # 3 steps of 2 batches an epoch: ends inside epoch 2
+    cfg.data.train_subset, cfg.data.test_subset, cfg.model.model = 64, 32, "vit_micro_patch4_28"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an explicit length is not second-guessed
+        run = train(cfg)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3

@@ -166,3 +166,13 @@ def test_ats_export_search_matches_binary_search(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     for k, want in zip((3, 8, 30), eager, strict=True):
         assert torch.equal(sample(scores, k), want)
+
+
+def test_tome_default_scales_with_the_host_token_count():
+    from vitlab.reduce import tome
+
+    assert tome.schedule(12, num_tokens=196) == [13] * 12  # ToMe's README setting for ViT-S/B/16
+    assert tome.schedule(24, num_tokens=196) == [7] * 24  # ... and ViT-L/16
+    small = tome.schedule(6, num_tokens=49)  # a 28 px host keeps a fifth of its patches, not one
+    assert 49 - sum(small) == 7
+    assert tome.schedule(6, num_tokens=4) == [1] * 6  # never zero by default

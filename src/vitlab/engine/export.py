@@ -101,6 +101,11 @@ def _check_declared(model: nn.Module) -> None:
         raise ExportError(f"{arch} cannot be exported: {spec.export_reason or 'its variant declares so'}")
 
 
+def _is_folder(out: Path) -> bool:
+    """An existing directory, or a path without a file suffix (``exports/``): the export goes inside."""
+    return out.is_dir() or not out.suffix
+
+
 def export_model(
     model: nn.Module, example_inputs: tuple[Any, ...], fmt: str, out: str | Path, tolerance: float = 1e-4
 ) -> ExportResult:
@@ -108,14 +113,15 @@ def export_model(
 
     Args:
         fmt: ``"onnx"`` or ``"torch.export"``.
-        out: the file to write (``.onnx`` / ``.pt2``); a directory gets ``model.onnx`` / ``model.pt2`` inside.
+        out: the file to write (``.onnx`` / ``.pt2``); a directory (or a path without a suffix) gets
+            ``model.onnx`` / ``model.pt2`` inside.
         tolerance: the largest absolute difference from the eager outputs that counts as ``ok``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     _check_declared(model)
     out = Path(out)
-    out = out / f"model{_SUFFIX[fmt]}" if out.is_dir() else out
+    out = out / f"model{_SUFFIX[fmt]}" if _is_folder(out) else out
     out.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
@@ -166,6 +172,6 @@ def export_target(
             raise ExportError(f"{str(target)!r} is neither a run directory / checkpoint nor a model name: {e}") from e
     c, h, w = _input_size(model, meta)
     x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)).to(device)
-    if Path(out).is_dir():
+    if _is_folder(Path(out)):
         out = Path(out) / f"{(meta or {}).get('model') or str(target)}{_SUFFIX[fmt]}"
     return export_model(model, (x,), fmt, out, tolerance)

@@ -104,8 +104,8 @@ def _schedule(cfg: RunConfig, steps_per_epoch: int) -> int:
     if total < SHORT_RUN_STEPS and not o.steps:
         warnings.warn(
             f"this run is only {total} optimizer steps ({o.epochs:g} epochs of {steps_per_epoch} batches); the "
-            "default recipe is sized for Fashion-MNIST's 60,000 images. Ask for more with --steps 2000 "
-            f"or --epochs {math.ceil(2000 / steps_per_epoch)}",
+            "default recipe is sized for Fashion-MNIST's 60,000 images. Ask for more with "
+            f"--steps {2 * SHORT_RUN_STEPS} or --epochs {math.ceil(2 * SHORT_RUN_STEPS / steps_per_epoch)}",
             stacklevel=3,
         )
     return total

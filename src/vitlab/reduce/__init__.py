@@ -92,6 +92,9 @@ def apply(model: nn.Module, method: str, **kwargs: Any) -> nn.Module:
         )
     sched_kw, options = _split_kwargs(spec, kwargs)
     host = model.blocks
+    if "num_tokens" in inspect.signature(spec.schedule).parameters and "num_tokens" not in sched_kw:
+        # the patch count at the model's default size sizes a default amount (ToMe)
+        sched_kw["num_tokens"] = getattr(getattr(model, "patch_embed", None), "num_patches", None)
     amounts = spec.schedule(len(host), **sched_kw)
     first = next((i for i, a in enumerate(amounts) if a), len(host))
     num_prefix = int(model.num_prefix_tokens)

@@ -7,8 +7,8 @@ A tokens into their partners by a size-weighted average (Sec. 3). Later blocks a
 the attention logits (proportional attention).
 Default amount: ToMe's off-the-shelf setting for 12-block ViTs at 224 px (r = 13 for ViT-S/B/16 and
 DeiT-Ti/S/16 in the official README: 196 -> 40 patch tokens, 1.6x img/s for about 2 points off the shelf,
-0.5 after training), its 156 merges spread over the host's depth (rounded up: r = 7 at 24 blocks, the
-README's choice for ViT-L/16).
+0.5 after training): the same share of the host's patch tokens (156 of 196) merged, spread over its
+depth and rounded (r = 7 at 24 blocks, the README's choice for ViT-L/16; r = 7 for 49 tokens in 6 blocks, 7 left).
 Deviation: prefix tokens (class, distillation, register) are left out of the matching altogether
 instead of being protected with ``-inf`` scores, so the A/B alternation starts at the first patch.
 """
@@ -26,17 +26,22 @@ __all__ = ["DEFAULT_MERGES", "METHOD", "bipartite_soft_matching", "schedule"]
 
 
 DEFAULT_MERGES = 13 * 12  # ToMe's r = 13 over the 12 blocks of ViT-S/B/16 at 224 px (module docstring)
+DEFAULT_TOKENS = 196  # ... of its 196 patch tokens
 
 
-def schedule(depth: int, r: int | Sequence[int] | None = None, inflect: float = 0.0) -> list[float]:
+def schedule(
+    depth: int, r: int | Sequence[int] | None = None, inflect: float = 0.0, num_tokens: int | None = None
+) -> list[float]:
     """Tokens merged per block: a constant ``r``, ToMe's ``(r, inflect)`` trend, or an explicit list.
 
-    ``r=None`` is ``ceil(DEFAULT_MERGES / depth)`` (13 at 12 blocks); ``r=0`` leaves the model exact.
-    The default assumes ViT-B's 196 patches; a block merges at most half its tokens, and a host with far
-    fewer (49 at 28 px) ends with almost none left: pass a smaller ``r`` there (as with MCTF's default).
+    ``r=None`` merges ToMe's share of the ``num_tokens`` patch tokens (``apply`` passes the host's count),
+    ``num_tokens * 156 / 196 / depth`` rounded half up, at least 1 (13 for 196 patches in 12 blocks); without a count
+    it assumes ViT-B's 196 patches, ``ceil(156 / depth)``. ``r=0`` leaves the model exact.
     ``inflect=-1`` is the paper's decreasing schedule (2r at the first block down to 0), ``+1`` increasing.
     """
-    if r is None:
+    if r is None and num_tokens:
+        r = max(1, math.floor(num_tokens * DEFAULT_MERGES / DEFAULT_TOKENS / max(depth, 1) + 0.5))  # half up
+    elif r is None:
         r = math.ceil(DEFAULT_MERGES / max(depth, 1))
     if not isinstance(r, int):
         r = [int(v) for v in r]
