@@ -191,7 +191,7 @@ def _options(path: tuple[str, ...]) -> list:
     return [a for a in parser._actions if any(o.startswith("--") for o in a.option_strings)]
 
 
-VERBS = [("list",), ("info",), ("train",), ("eval",), ("predict",), ("bench",), ("reduce",), ("export",)]
+VERBS = [("list",), ("info",), ("train",), ("eval",), ("predict",), ("bench",), ("reduce",), ("export",), ("compress",)]
 
 
 @pytest.mark.parametrize("path", [*VERBS, ("distill", "save-logits"), ("data", "make")])
@@ -279,3 +279,18 @@ def test_task_run_exports_to_onnx(task_run_dir, tmp_path, capsys):
     assert run(["export", str(task_run_dir), "--format", "onnx", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip().endswith("ok")
     assert (tmp_path / "vit_micro_patch4_28.onnx").stat().st_size > 0
+
+
+def test_compress_a_run_and_reload_it_compressed(run_dir, tmp_path, capsys):
+    from vitlab.compress import sparsity
+    from vitlab.engine import load_trained
+
+    out = tmp_path / "pruned.safetensors"
+    assert run(["compress", str(run_dir), "--method", "magnitude", "--amount", "0.5", "--out", str(out)]) == 0
+    assert "sparsity" in capsys.readouterr().out
+    model, meta, _ = load_trained(out)
+    assert [r["method"] for r in meta["surgery"]] == ["magnitude"]
+    assert 0.45 <= sparsity(model) <= 0.55
+    assert run(["eval", str(out), "--dataset", "synthetic"]) == 0  # evaluates like any checkpoint
+    assert run(["compress", str(run_dir), "--method", "magnitude", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "safetensors" in capsys.readouterr().err

@@ -319,6 +319,26 @@ def _model_table(variants: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _task_table() -> list[str]:
+    from vitlab.tasks import TASKS
+
+    lines = [
+        "| task model | task | paper | metric | default data set | reference | exportable |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(TASKS):
+        spec = TASKS[name]
+        paper = f"#{spec.paper.number} {_cell(spec.paper.title)}" if spec.paper is not None else "none (generic)"
+        direction = "higher is better" if spec.higher_is_better else "lower is better"
+        ref = f"{spec.ref_metric:g} ({_cell(spec.ref_source)})" if spec.ref_metric is not None else _DASH
+        exportable = "yes" if spec.exportable else f"no ({_cell(spec.export_reason)})"
+        lines.append(
+            f"| `{name}` | {spec.task} | {paper} | {spec.metric} ({direction}) | `{spec.dataset}` | {ref} "
+            f"| {exportable} |"
+        )
+    return lines
+
+
 def render(status_path: str | Path = STATUS_PATH, variants: Mapping[str, Any] | None = None) -> str:
     """The full text of ``docs/models.md`` (deterministic: same inputs, same bytes)."""
     status = load_status(status_path)
@@ -360,6 +380,13 @@ def render(status_path: str | Path = STATUS_PATH, variants: Mapping[str, Any] | 
         "against them. Capabilities are what each variant declares and the registry tests rely on.",
         "",
         *_model_table(variants),
+        "",
+        "## Task models",
+        "",
+        "Task models (`vitlab.tasks`, `vitlab train --task NAME --backbone MODEL`) take any registered backbone",
+        "by name; each row is a `TaskSpec`. Measured results live in `benchmarks/results/` (e.g. `segmentation.md`).",
+        "",
+        *_task_table(),
         "",
     ]
     return "\n".join(lines)

@@ -235,6 +235,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .engine.compress_run import compress_checkpoint
+
+    kwargs = {"amount": args.amount} if args.amount is not None else {}
+    entry = compress_checkpoint(args.source, args.method, args.out, **kwargs)
+    report = ", ".join(f"{k} {v}" for k, v in entry.get("report", {}).items())
+    print(f"{args.method}: {report}\nwrote {args.out} (reloads compressed: vitlab eval / export {args.out})")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data.synthetic import make
 
@@ -319,10 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model or a trained run (surgery included) and check the export")
     p.add_argument("target", help="a model name (random weights) or a run directory / checkpoint")
     p.add_argument("--format", choices=["onnx", "torch.export"], default="onnx", help="exporter (default onnx)")
-    p.add_argument("--out", required=True, help="output file (.onnx / .pt2), or a directory that gets <model>.onnx / .pt2")
+    p.add_argument(
+        "--out", required=True, help="output file (.onnx / .pt2), or a directory that gets <model>.onnx / .pt2"
+    )
     p.add_argument("--device", default="cpu", help="device the model and the check run on (default cpu)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest |exported - PyTorch| accepted")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("compress", help="compress a trained run into a new checkpoint that reloads compressed")
+    p.add_argument("source", help="a run directory or .safetensors checkpoint of vitlab train")
+    p.add_argument("--method", required=True, help="compression method: reparam or magnitude (vitlab.compress)")
+    p.add_argument("--amount", type=float, help="magnitude: fraction of weights set to zero (default 0.5)")
+    p.add_argument("--out", required=True, help="the compressed checkpoint to write (.safetensors)")
+    p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("data", help="generated data sets (deterministic, cached, previewed)")
     p = p.add_subparsers(dest="data_command", required=True).add_parser(
