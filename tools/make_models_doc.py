@@ -301,20 +301,26 @@ def _paper_table(status: Mapping[int, PaperStatus], grouped: Mapping[int, Sequen
 
 
 def _model_table(variants: Mapping[str, Any]) -> list[str]:
+    from vitlab.models._variants import NO_SCRIPT_REASON
+
     lines = [
         "| model | paper # | params (M) | reference source | timm-native | isotropic | any input size "
-        "| grad checkpointing | exportable |",
-        "|---|---:|---:|---|---|---|---|---|---|",
+        "| grad checkpointing | exportable | FX trace | TorchScript |",
+        "|---|---:|---:|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted(variants):
         spec = variants[name]
         params = f"{spec.ref_params_m:g}" if spec.ref_params_m is not None else _DASH
         reason = f" ({_cell(spec.export_reason)})" if spec.export_reason else ""
         exportable = "yes" if spec.exportable else f"no{reason}"
+        fx = "yes" if spec.fx_traceable else f"no ({_cell(spec.fx_reason)})"
+        # the common reason is stated once above the table
+        script_reason = "" if spec.script_reason == NO_SCRIPT_REASON else f" ({_cell(spec.script_reason)})"
+        script = "yes" if spec.scriptable else f"no{script_reason}"
         lines.append(
             f"| `{name}` | {spec.paper.number} | {params} | {_cell(spec.ref_source)} | "
             f"{_yes_no(spec.timm_native)} | {_yes_no(spec.isotropic)} | {_yes_no(spec.dynamic_size)} | "
-            f"{_yes_no(spec.grad_checkpointing)} | {exportable} |"
+            f"{_yes_no(spec.grad_checkpointing)} | {exportable} | {fx} | {script} |"
         )
     return lines
 
@@ -342,6 +348,8 @@ def _task_table() -> list[str]:
 def render(status_path: str | Path = STATUS_PATH, variants: Mapping[str, Any] | None = None) -> str:
     """The full text of ``docs/models.md`` (deterministic: same inputs, same bytes)."""
     status = load_status(status_path)
+    from vitlab.models._variants import NO_SCRIPT_REASON
+
     variants = registry_variants() if variants is None else variants
     grouped = group_models(status, variants)
     counts = {s: sum(row.status == s for row in status.values()) for s in STATUSES}
@@ -378,6 +386,9 @@ def render(status_path: str | Path = STATUS_PATH, variants: Mapping[str, Any] | 
         "Reference parameter counts (`ref_params_m`) and their source (`ref_source`: a paper table, the official",
         "code, or reconstructed) come from each variant's `VARIANTS` row; the parity test checks the built model",
         "against them. Capabilities are what each variant declares and the registry tests rely on.",
+        "FX trace: FX symbolic tracing works (vitlab's classes: plain `torch.fx.symbolic_trace`; timm's: with timm's",
+        "leaf modules and wrapped functions), hence torchvision's `create_feature_extractor` and timm's FX feature",
+        f"path. TorchScript: {NO_SCRIPT_REASON} (`torch.jit.script` works only where the row says yes).",
         "",
         *_model_table(variants),
         "",

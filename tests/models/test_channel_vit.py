@@ -91,17 +91,42 @@ def test_channel_order_does_not_matter():
         torch.testing.assert_close(model(x[:, order], channels=order), model(x[:, [0, 2, 3]], channels=[0, 2, 3]))
 
 
-def test_tokens_per_channel_and_stacked_intermediates():
+def test_tokens_per_channel_and_channel_mean_intermediates():
     _, model = _pair()
     x = torch.randn(2, C, S, S)
     with torch.no_grad():
         feats = model.forward_features(x[:, [1, 3]], channels=[1, 3])
         assert feats.shape == (2, 1 + 2 * 16, D)
         final, inter = model.forward_intermediates(x, indices=1, norm=True)
-    assert inter[0].shape == (2, D, C * 4, 4)  # the channels' 4x4 maps stacked on the height
-    # channel c's map holds tokens 1 + 16c ... 16(c+1)
-    per_channel = inter[0].unflatten(2, (C, 4))  # (B, D, C, 4, 4)
-    torch.testing.assert_close(per_channel[:, :, 2].flatten(2).transpose(1, 2), final[:, 1 + 32 : 1 + 48])
+    assert inter[0].shape == (2, D, 4, 4)
+    # the map is the mean over channels of each channel's 4x4 token map (channel c: tokens 1 + 16c ... 16(c+1))
+    mean = final[:, 1:].unflatten(1, (C, 16)).mean(1)  # (B, 16, D)
+    torch.testing.assert_close(inter[0].flatten(2).transpose(1, 2), mean)
+
+
+def _assert_reduction(maps: list[torch.Tensor], feature_info: list[dict], size: int) -> None:
+    assert len(maps) == len(feature_info)
+    for info, fmap in zip(feature_info, maps, strict=True):
+        assert fmap.shape == (2, info["num_chs"], size // info["reduction"], size // info["reduction"])
+
+
+@pytest.mark.parametrize("channels", [[2], [3, 1], [0, 1, 2, 3]])
+def test_intermediates_match_the_declared_reduction(channels):
+    # a dense head built from feature_info gets maps at input / reduction, whatever the channels
+    model = vitlab.create_model("channelvit_nano_patch4_28", **TINY).eval()
+    for size in (S, S + 2 * P):  # the built size and a larger one (position embedding resampled)
+        x = torch.randn(2, len(channels), size, size)
+        with torch.no_grad():
+            maps = model.forward_intermediates(x, indices=2, channels=channels, intermediates_only=True)
+        _assert_reduction(maps, model.feature_info, size)
+
+
+@pytest.mark.parametrize("in_chans", [1, C])
+def test_features_only_match_the_declared_reduction(in_chans):
+    features = vitlab.create_model("channelvit_nano_patch4_28", **{**TINY, "in_chans": in_chans}, features_only=True)
+    with torch.no_grad():
+        maps = features.eval()(torch.randn(2, in_chans, S, S))
+    _assert_reduction(maps, features.feature_info.get_dicts(), S)
 
 
 def test_only_the_channel_embedding_grows_with_channels():

@@ -73,6 +73,9 @@ __all__ += ["SpectralGating", "global_filter", "resample_spectral_filter"]
 from .strip_attention import StripAttention
 
 __all__ += ["StripAttention"]
+from .tracing import is_fx_tracing
+
+__all__ += ["is_fx_tracing"]
 from .window_attention import WindowAttention, shifted_window_mask, window_partition, window_reverse
 
 __all__ += ["WindowAttention", "shifted_window_mask", "window_partition", "window_reverse"]

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
+from .tracing import is_fx_tracing
+
 __all__ = ["Attention", "attend"]
 
 
@@ -40,6 +42,8 @@ def attend(
     ``scale`` defaults to ``d ** -0.5``. ``v`` may be wider than ``q``/``k`` (``(B, h, M, d_v)`` ->
     ``(B, h, N, d_v)``); that case runs as explicit ops, every other through SDPA.
     """
+    if is_fx_tracing():  # sizes are proxies: decide the path when the traced graph runs
+        return _attend_traced(q, k, v, bias, dropout_p, scale)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attend expects (B, heads, N, head_dim) q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}")
     if bias is not None and bias.dtype != torch.bool and bias.dtype != q.dtype:
@@ -47,6 +51,14 @@ def attend(
     if q.shape[-1] != v.shape[-1]:
         return _attend_explicit(q, k, v, bias, dropout_p, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+@torch.fx.wrap
+def _attend_traced(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float, scale: float | None
+) -> torch.Tensor:
+    """``attend`` as one node of an FX graph (``torch.fx.wrap``): it runs, checks included, on real tensors."""
+    return attend(q, k, v, bias, dropout_p, scale)
 
 
 def _attend_explicit(

@@ -17,8 +17,12 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .block import Grid, Stage, tokens_to_map
+from .tracing import is_fx_tracing
 
 __all__ = ["HierarchicalBackbone", "IsotropicBackbone"]
+
+# timm wraps it for FX in its own module only; calls from here must be graph nodes too (sizes are proxies)
+torch.fx.wrap("resample_abs_pos_embed")
 
 
 def _check_common(num_classes: int, in_chans: int, global_pool: str, pools: tuple[str, ...]) -> None:
@@ -43,8 +47,15 @@ class _ContractMixin:
     num_features: int
     num_classes: int
     global_pool: str
-    _pools: tuple[str, ...]
+    _pools: tuple[str, ...]  # '' (timm's "no pooling") returns the unpooled ``forward_features`` output
+    _head_on_unpooled: bool  # a classifier on the unpooled output: per token, or refused (on a map)
     _trunk: str  # the attribute holding the blocks or stages
+
+    def _check_unpooled_head(self, num_classes: int, global_pool: str) -> None:
+        if not global_pool and num_classes > 0 and not self._head_on_unpooled:
+            raise ValueError(
+                "global_pool='' keeps the (B, C, H, W) map, which the linear head cannot classify: use num_classes=0"
+            )
 
     def _make_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -54,9 +65,10 @@ class _ContractMixin:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            _check_common(num_classes, 1, global_pool, self._pools)
-            self.global_pool = global_pool
+        global_pool = self.global_pool if global_pool is None else global_pool
+        _check_common(num_classes, 1, global_pool, self._pools)
+        self._check_unpooled_head(num_classes, global_pool)
+        self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = self._make_head(num_classes)
 
@@ -85,10 +97,12 @@ class IsotropicBackbone(_ContractMixin, nn.Module):
             holds the class token first when ``class_token`` (``num_prefix_tokens`` = 1).
         pos_embed: learn an absolute position embedding for the patch grid (resampled to other grids).
         embed_layer: ``embed_layer(img_size=, patch_size=, in_chans=, embed_dim=)`` returning ``(B, H, W, C)``;
-            default timm's ``PatchEmbed`` with dynamic image size.
+            default timm's ``PatchEmbed`` with dynamic image size, padding the input to whole patches.
+        global_pool: ``"token"``, ``"avg"``, or ``""`` for the unpooled tokens ``(B, P + N, C)`` (timm's ViT).
     """
 
-    _pools = ("token", "avg")
+    _pools = ("token", "avg", "")
+    _head_on_unpooled = True  # timm's ViT: global_pool='' with a head gives per-token logits
     _trunk = "blocks"
 
     def __init__(
@@ -123,9 +137,12 @@ class IsotropicBackbone(_ContractMixin, nn.Module):
         self.num_prefix_tokens = 1 if class_token else 0
         self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         if embed_layer is None:
+            # any input size: the image is zero-padded on the right and bottom to whole patches (timm's ViT
+            # dynamic_img_pad); a size that is a multiple of the patch is unchanged
             self.patch_embed = PatchEmbed(
-                img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC", strict_img_size=False
-            )
+                img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC", strict_img_size=False,
+                dynamic_img_pad=True,
+            )  # fmt: skip
         else:
             self.patch_embed = embed_layer(
                 img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
@@ -168,18 +185,25 @@ class IsotropicBackbone(_ContractMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def _pos_embed_for(self, grid: Grid) -> torch.Tensor:
+        """The position embedding ``(1, H*W, C)`` for a token grid, resampled when it is not the built one."""
+        if is_fx_tracing() or self.grid != tuple(grid):  # traced sizes are proxies: resample decides when run
+            return resample_abs_pos_embed(self.pos_embed, new_size=grid, old_size=self.grid, num_prefix_tokens=0)
+        return self.pos_embed
+
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         x = self.patch_embed(x)  # (B, H, W, C)
         B, H, W, C = x.shape
         x = x.reshape(B, H * W, C)
         if self.pos_embed is not None:
-            pos = self.pos_embed
-            if self.grid != (H, W):
-                pos = resample_abs_pos_embed(pos, new_size=(H, W), old_size=self.grid, num_prefix_tokens=0)
-            x = x + pos
+            x = x + self._pos_embed_for((H, W))
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         return self.pos_drop(x), (H, W)
+
+    def _tokens_to_map(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Block output -> ``(B, C, H, W)`` feature map at the patch stride (families with other layouts override)."""
+        return tokens_to_map(x, grid, self.num_prefix_tokens)
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -199,7 +223,11 @@ class IsotropicBackbone(_ContractMixin, nn.Module):
         return self.norm(self._run_blocks(x, grid))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        # global_pool='': every token (B, P + N, C), prefix tokens included, as timm's ViT
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -211,20 +239,24 @@ class IsotropicBackbone(_ContractMixin, nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        **embed_kwargs: Any,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Final normed tokens and the chosen blocks' outputs as ``(B, C, H, W)`` maps (prefix tokens dropped)."""
+        """Final normed tokens and the chosen blocks' outputs as ``(B, C, H, W)`` maps (prefix tokens dropped).
+
+        ``embed_kwargs`` go to the family's ``_embed`` (ChannelViT's ``channels``).
+        """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         if getattr(self.blocks, "threads_state", False):
             raise ValueError("forward_intermediates needs the token grid, which token reduction removes")
         take, max_index = feature_take_indices(len(self.blocks), indices)
-        x, grid = self._embed(x)
+        x, grid = self._embed(x, **embed_kwargs)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         intermediates = []
         for i, block in enumerate(blocks):
             x = self._run_block(block, x, grid)
             if i in take:
-                intermediates.append(tokens_to_map(self.norm(x) if norm else x, grid, self.num_prefix_tokens))
+                intermediates.append(self._tokens_to_map(self.norm(x) if norm else x, grid))
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -237,9 +269,11 @@ class HierarchicalBackbone(_ContractMixin, nn.Module):
         stem: ``stem(image) -> (tokens (B, N, C0), grid)``.
         stages: ``Stage`` modules run in order on ``(tokens, grid)``.
         stem_stride: the stem's total spatial stride (for ``feature_info``).
+        global_pool: ``"avg"``, ``"max"``, or ``""`` (with ``num_classes=0``) for the unpooled map ``(B, C, H, W)``.
     """
 
-    _pools = ("avg", "max")
+    _pools = ("avg", "max", "")
+    _head_on_unpooled = False  # timm's ConvNeXt: global_pool='' only without a classifier
     _trunk = "stages"
 
     def __init__(
@@ -256,6 +290,7 @@ class HierarchicalBackbone(_ContractMixin, nn.Module):
     ) -> None:
         super().__init__()
         _check_common(num_classes, in_chans, global_pool, self._pools)
+        self._check_unpooled_head(num_classes, global_pool)
         if not stages:
             raise ValueError("stages must not be empty")
         self.num_classes = num_classes
@@ -297,7 +332,11 @@ class HierarchicalBackbone(_ContractMixin, nn.Module):
         return tokens_to_map(self.norm(x), grid)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3)) if self.global_pool == "avg" else x.amax(dim=(2, 3))
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        elif self.global_pool == "max":
+            x = x.amax(dim=(2, 3))
+        # global_pool='': the map itself (B, C, H, W); num_classes is 0 then
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 

@@ -16,6 +16,7 @@ from timm.layers import DropPath, LayerScale, Mlp
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
+from .tracing import is_fx_tracing
 
 __all__ = ["ConvDownsample", "Grid", "MetaBlock", "Stage", "map_to_tokens", "tokens_to_map"]
 
@@ -25,7 +26,7 @@ Grid = tuple[int, int]
 def tokens_to_map(x: torch.Tensor, grid: Grid, num_prefix_tokens: int = 0) -> torch.Tensor:
     """``(B, P + H*W, C)`` tokens -> ``(B, C, H, W)`` map, dropping the ``P`` prefix tokens."""
     B, N, C = x.shape
-    if N - num_prefix_tokens != grid[0] * grid[1]:
+    if not is_fx_tracing() and N - num_prefix_tokens != grid[0] * grid[1]:
         raise ValueError(f"{N - num_prefix_tokens} grid tokens do not fill grid {tuple(grid)}")
     return x[:, num_prefix_tokens:].transpose(1, 2).reshape(B, C, grid[0], grid[1])
 

@@ -101,7 +101,7 @@ class ClassAttentionBackbone(HierarchicalBackbone):
         stem_norm_layer: the stem's norm (default ``norm_layer``).
     """
 
-    _pools = ("token",)
+    _pools = ("token", "")
 
     def __init__(
         self,
@@ -174,7 +174,12 @@ class ClassAttentionBackbone(HierarchicalBackbone):
         self.aux_head = self._make_head(num_classes) if self.use_aux_head and num_classes > 0 else None
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``(B, C, H, W)`` last-stage map -> logits (or the normed class token with ``pre_logits``)."""
+        """``(B, C, H, W)`` last-stage map -> logits (or the normed class token with ``pre_logits``).
+
+        ``global_pool=''`` (timm's "no pooling", ``num_classes=0``) returns the map before class attention.
+        """
+        if not self.global_pool:
+            return self.head_drop(x)
         tokens, _ = map_to_tokens(x)
         x = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # class token = mean token (official)
         x = self.head_norm(self.cls_block(x))

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .tracing import is_fx_tracing
+
 __all__ = ["GDN", "AnalysisTransform", "compressai_encoder_state_dict"]
 
 _REPARAM_OFFSET = 2.0**-18  # CompressAI's NonNegativeParametrizer default
@@ -59,7 +61,7 @@ class GDN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         beta, gamma = self.effective_params()
         C = x.shape[1]
-        if gamma.shape[0] != C:
+        if not is_fx_tracing() and gamma.shape[0] != C:
             raise ValueError(f"GDN built for {gamma.shape[0]} channels got an input with {C}")
         norm = F.conv2d(x * x, gamma.view(C, C, 1, 1), beta)  # a 1x1 conv: beta_i + sum_j gamma_ij x_j^2
         return x * (norm.sqrt() if self.inverse else norm.rsqrt())

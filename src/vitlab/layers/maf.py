@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
 
 from .attention import attend
+from .tracing import is_fx_tracing
 from .window_attention import WindowAttention
 
 __all__ = ["GlobalDownsample", "MultiScaleAttentionFusion", "pooling_weights"]
@@ -73,7 +74,7 @@ class GlobalDownsample(nn.Module):
 
     def token_weight(self, grid: Grid) -> torch.Tensor:
         """The ``(gh*gw, H*W)`` token-mixing weights for ``grid`` (the built ones, or resampled to it)."""
-        if tuple(grid) == self.grid:
+        if not is_fx_tracing() and tuple(grid) == self.grid:  # traced: always resample (the identity when equal)
             return self.weight
         maps = self.weight.view(-1, 1, self.grid[0], self.grid[1])  # one weight map per global token
         maps = F.interpolate(maps, size=tuple(grid), mode="bilinear", align_corners=False)
@@ -81,7 +82,7 @@ class GlobalDownsample(nn.Module):
         return maps.flatten(1) * (self.grid[0] * self.grid[1] / (grid[0] * grid[1]))
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        if x.shape[1] != grid[0] * grid[1]:
+        if not is_fx_tracing() and x.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"{x.shape[1]} tokens do not fill grid {tuple(grid)}")
         return self.token_weight(grid) @ x + self.bias[:, None] + self.pos_embed  # (B, gh*gw, C)
 

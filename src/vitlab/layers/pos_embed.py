@@ -21,10 +21,12 @@ import torch
 import torch.nn as nn
 
 from .block import Grid
+from .tracing import is_fx_tracing
 
 __all__ = ["GlobalPosEmbed", "LocalPosEmbed", "apply_rope", "grid_positions", "rope_2d_angles", "sincos_2d_normalized"]
 
 
+@torch.fx.wrap  # one FX graph node: it builds index tensors from sizes
 def sincos_2d_normalized(
     grid: Grid, dim: int, temperature: float = 10000.0, scale: float = 2 * math.pi, device: torch.device | None = None
 ) -> torch.Tensor:
@@ -68,7 +70,7 @@ class GlobalPosEmbed(nn.Module):
         return self.proj(code)[0].permute(1, 2, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[-1] != self.dim:
+        if not is_fx_tracing() and (x.ndim != 4 or x.shape[-1] != self.dim):
             raise ValueError(f"GlobalPosEmbed expects a (B, H, W, {self.dim}) map, got {tuple(x.shape)}")
         return x + self.embedding((x.shape[1], x.shape[2]), x.device)
 
@@ -89,7 +91,7 @@ class LocalPosEmbed(nn.Module):
     def forward(self, v: torch.Tensor, grid: Grid, num_prefix_tokens: int = 0) -> torch.Tensor:
         B, h, N, d = v.shape
         H, W = grid
-        if N - num_prefix_tokens != H * W:
+        if not is_fx_tracing() and N - num_prefix_tokens != H * W:
             raise ValueError(f"LocalPosEmbed: {N - num_prefix_tokens} grid tokens do not fill grid {tuple(grid)}")
         maps = v[:, :, num_prefix_tokens:].transpose(-2, -1).reshape(B * h, d, H, W)
         out = self.proj(maps).reshape(B, h, d, H * W).transpose(-2, -1)
@@ -98,9 +100,12 @@ class LocalPosEmbed(nn.Module):
 
 def grid_positions(grid: Grid, device: torch.device | None = None) -> torch.Tensor:
     """Integer ``(row, col)`` of every patch of ``grid`` in row-major order: ``(H*W, 2)``."""
-    rows, cols = torch.meshgrid(
-        torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij"
-    )
+    return _grid_positions(grid[0], grid[1], device)
+
+
+@torch.fx.wrap  # one FX graph node: it builds index tensors from sizes
+def _grid_positions(H: int, W: int, device: torch.device | None) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
     return torch.stack((rows.flatten(), cols.flatten()), dim=-1)
 
 
@@ -112,7 +117,7 @@ def rope_2d_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.
     """
     if head_dim % 4:
         raise ValueError(f"head_dim must be a multiple of 4 for 2-D RoPE, got {head_dim}")
-    if positions.shape[-1] != 2:
+    if not is_fx_tracing() and positions.shape[-1] != 2:
         raise ValueError(f"positions must end in (row, col) pairs, got shape {tuple(positions.shape)}")
     half = head_dim // 2
     inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, device=positions.device, dtype=torch.float32) / half)
@@ -125,8 +130,8 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
     Rotate-half layout: channel ``i`` pairs with ``i + head_dim // 2``. Computed in float32.
     """
-    if angles.ndim == 3:
-        angles = angles[:, None]  # (B, 1, N, d/2): the same rotation for every head
+    # (1, N, d/2) or (B, 1, N, d/2): the same rotation for every head (no branch on ndim, so FX traces it)
+    angles = angles.unsqueeze(-3)
     ang = torch.cat((angles, angles), dim=-1)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)

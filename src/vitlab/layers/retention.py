@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .tracing import is_fx_tracing
+
 __all__ = ["RETENTION_FORMS", "Retention", "run_retention_form"]
 
 RETENTION_FORMS = ("parallel", "recurrent", "chunkwise")
@@ -28,6 +30,27 @@ RETENTION_FORMS = ("parallel", "recurrent", "chunkwise")
 def _exact(t: torch.Tensor) -> torch.dtype:
     # decay powers in float32 (float64 for float64 inputs): g^n underflows to 0 in half precision too early
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _log_decay(
+    decay_range: tuple[float, float], num_heads: int, device: torch.device | None, dtype: torch.dtype
+) -> torch.Tensor:
+    lo, hi = (math.log(r) for r in decay_range)
+    return torch.log1p(-torch.exp(torch.linspace(lo, hi, num_heads, device=device, dtype=dtype)))
+
+
+def _decay_matrix(log_decay: torch.Tensor, n: int) -> torch.Tensor:
+    idx = torch.arange(n, device=log_decay.device, dtype=log_decay.dtype)
+    dist = idx[:, None] - idx[None, :]
+    # an infinite distance above the diagonal gives g^inf = 0: the causal mask and the decay in one tensor
+    dist = dist.masked_fill(dist < 0, math.inf)
+    return torch.exp(dist * log_decay[:, None, None])
+
+
+@torch.fx.wrap  # one FX graph node: built from the token count and dtype, which a trace holds as proxies
+def _decay_matrix_for(q: torch.Tensor, decay_range: tuple[float, float]) -> torch.Tensor:
+    """The ``(heads, N, N)`` decay matrix for queries ``q (B, heads, N, d)``, in ``q``'s dtype."""
+    return _decay_matrix(_log_decay(decay_range, q.shape[1], q.device, _exact(q)), q.shape[2]).to(q.dtype)
 
 
 class Retention(nn.Module):
@@ -72,18 +95,13 @@ class Retention(nn.Module):
 
     def log_decay(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``log g`` per head, ``(num_heads,)`` (computed, not stored: nothing to load or move)."""
-        lo, hi = (math.log(r) for r in self.decay_range)
-        return torch.log1p(-torch.exp(torch.linspace(lo, hi, self.num_heads, device=device, dtype=dtype)))
+        return _log_decay(self.decay_range, self.num_heads, device, dtype)
 
     def decay_matrix(
         self, n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """``D[h, i, j] = g_h^(i-j)`` for ``i >= j`` else 0: ``(num_heads, n, n)``."""
-        idx = torch.arange(n, device=device, dtype=dtype)
-        dist = idx[:, None] - idx[None, :]
-        # an infinite distance above the diagonal gives g^inf = 0: the causal mask and the decay in one tensor
-        dist = dist.masked_fill(dist < 0, math.inf)
-        return torch.exp(dist * self.log_decay(device, dtype)[:, None, None])
+        return _decay_matrix(self.log_decay(device, dtype), n)
 
     def _check(self, x: torch.Tensor, state: torch.Tensor | None = None) -> None:
         if x.ndim != 3 or x.shape[-1] != self.dim:
@@ -110,9 +128,10 @@ class Retention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Parallel form: ``((q kᵀ) ⊙ D) v`` with the causal decay matrix ``D``, O(N²)."""
-        self._check(x)
+        if not is_fx_tracing():
+            self._check(x)
         q, k, v = self._qkv(x)
-        scores = (q @ k.transpose(-2, -1)) * self.decay_matrix(x.shape[1], x.device, _exact(q)).to(q.dtype)
+        scores = (q @ k.transpose(-2, -1)) * _decay_matrix_for(q, self.decay_range)
         return self._out(scores @ v)
 
     def forward_recurrent(

@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from .block import Grid
+from .tracing import is_fx_tracing
 
 __all__ = ["SpectralGating", "global_filter", "resample_spectral_filter"]
 
@@ -59,6 +60,7 @@ def _lerp_index(
     return i0.clamp(max=last), (i0 + 1).clamp(max=last), t
 
 
+@torch.fx.wrap  # one FX graph node: it checks and compares sizes
 def resample_spectral_filter(weight: torch.Tensor, grid_size: Grid, new_grid: Grid) -> torch.Tensor:
     """Resample a filter ``(H, W // 2 + 1, C, ...)`` learned for grid ``grid_size = (H, W)`` to ``new_grid``.
 
@@ -83,10 +85,12 @@ def resample_spectral_filter(weight: torch.Tensor, grid_size: Grid, new_grid: Gr
     return weight[:, j0] * (1 - s) + weight[:, j1] * s
 
 
+@torch.fx.wrap  # one FX graph node: it reads the dtype
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+@torch.fx.wrap  # one FX graph node: it checks sizes
 def global_filter(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``irfft2(rfft2(x) * weight)`` over the grid of an ``(B, H, W, C)`` map, orthonormal FFTs.
 
@@ -136,10 +140,11 @@ class SpectralGating(nn.Module):
             grid = (side, side)
         H, W = grid
         num_prefix = N - H * W
-        if num_prefix < 0:
+        if not is_fx_tracing() and num_prefix < 0:
             raise ValueError(f"{N} tokens cannot hold grid {tuple(grid)}")
         y = global_filter(x[:, num_prefix:].reshape(B, H, W, C), self.filter((H, W))).reshape(B, H * W, C)
-        return torch.cat([x[:, :num_prefix], y], dim=1) if num_prefix else y
+        # traced, num_prefix is a proxy: concatenate always (an empty prefix adds nothing)
+        return torch.cat([x[:, :num_prefix], y], dim=1) if is_fx_tracing() or num_prefix else y
 
 
 def _real_fft_flops(real_shape: torch.Size, dim: list[int]) -> int:

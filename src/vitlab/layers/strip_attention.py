@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .attention import attend
 from .block import Grid, map_to_tokens, tokens_to_map
+from .tracing import is_fx_tracing
 
 __all__ = ["StripAttention"]
 
@@ -87,7 +88,7 @@ class StripAttention(nn.Module):
             raise ValueError(f"StripAttention with sr_ratio={self.sr_ratio} needs grid=(H, W) of the tokens")
         s = self.sr_ratio
         m = tokens_to_map(x, grid)  # a channels-last view of the tokens, no copy; so is the conv's output
-        if grid[0] % s or grid[1] % s:  # (F.pad copies even when it pads nothing)
+        if is_fx_tracing() or grid[0] % s or grid[1] % s:  # (F.pad copies even when it pads nothing; traced: pad)
             m = F.pad(m, (0, -grid[1] % s, 0, -grid[0] % s))  # zero-pad right/bottom to whole s x s cells
         return self.norm(map_to_tokens(self.sr(m))[0])
 

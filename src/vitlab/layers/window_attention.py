@@ -11,12 +11,15 @@ A grid no larger than the window is one window, unshifted, as in timm.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .attention import attend
+from .tracing import is_fx_tracing
 
 __all__ = ["WindowAttention", "relative_position_index", "shifted_window_mask", "window_partition", "window_reverse"]
 
@@ -44,6 +47,7 @@ def relative_position_index(ws: tuple[int, int]) -> torch.Tensor:
     return rel[0] * (2 * ws[1] - 1) + rel[1]
 
 
+@torch.fx.wrap  # one FX graph node: it builds index tensors from sizes
 def shifted_window_mask(size: tuple[int, int], ws: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
     """``(windows, N, N)`` additive mask for a map of ``size`` (whole windows) shifted by ``shift``.
 
@@ -58,6 +62,27 @@ def shifted_window_mask(size: tuple[int, int], ws: tuple[int, int], shift: tuple
     label = region(size[0], ws[0], shift[0])[:, None] * 3 + region(size[1], ws[1], shift[1])[None, :]
     win = window_partition(label[None, :, :, None], ws).squeeze(-1)  # (windows, N)
     return (win[:, :, None] != win[:, None, :]).float() * _SEAM
+
+
+@torch.fx.wrap  # one FX graph node: the layout is a choice on sizes
+def _window_layout(window_size: int, shift_size: int, H: int, W: int) -> tuple[int, int, int, int]:
+    """Window height, width and shifts for an ``H x W`` grid: a grid side no larger than the window is one
+    unshifted window (timm's rule)."""
+    return (
+        min(window_size, H),
+        min(window_size, W),
+        shift_size if window_size < H else 0,
+        shift_size if window_size < W else 0,
+    )
+
+
+@torch.fx.wrap  # one FX graph node: it slices a buffer by sizes
+def _relative_position_bias(table: torch.Tensor, index: torch.Tensor, ws: tuple[int, int]) -> torch.Tensor:
+    """``(heads, N, N)`` bias of a ``ws`` window from the full window's table and ``(N_full, N_full)`` index."""
+    full = math.isqrt(index.shape[0])
+    index = index.view(full, full, full, full)[: ws[0], : ws[1], : ws[0], : ws[1]]
+    n = ws[0] * ws[1]
+    return table[index.reshape(n, n)].permute(2, 0, 1)
 
 
 class WindowAttention(nn.Module):
@@ -91,27 +116,24 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def _window(self, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-        # a grid no larger than the window is a single unshifted window (timm's rule)
-        ws = tuple(min(self.window_size, g) for g in grid)
-        shift = tuple(0 if g <= self.window_size else self.shift_size for g in grid)
-        return ws, shift
+        wh, ww, sh, sw = _window_layout(self.window_size, self.shift_size, grid[0], grid[1])
+        return (wh, ww), (sh, sw)
 
     def _bias(self, ws: tuple[int, int]) -> torch.Tensor:
-        full = self.window_size
-        index = self.relative_position_index.view(full, full, full, full)[: ws[0], : ws[1], : ws[0], : ws[1]]
-        n = ws[0] * ws[1]
-        return self.relative_position_bias_table[index.reshape(n, n)].permute(2, 0, 1)  # (heads, N, N)
+        return _relative_position_bias(self.relative_position_bias_table, self.relative_position_index, ws)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         if grid is None:
             raise ValueError("WindowAttention needs the token grid (H, W)")
         B, N, C = x.shape
         H, W = grid
-        if N != H * W:
+        if not is_fx_tracing() and N != H * W:
             raise ValueError(f"{N} tokens do not fill grid {tuple(grid)} (window attention takes no prefix tokens)")
         ws, shift = self._window(grid)
+        # traced, the shift is a proxy: roll and mask always (a zero shift rolls nothing and masks nothing)
+        shifted = is_fx_tracing() or any(shift)
         x = x.view(B, H, W, C)
-        if any(shift):
+        if shifted:
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         pad_h, pad_w = (-H) % ws[0], (-W) % ws[1]
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
@@ -120,12 +142,12 @@ class WindowAttention(nn.Module):
         n, nw = ws[0] * ws[1], (Hp // ws[0]) * (Wp // ws[1])
         q, k, v = self.qkv(windows).view(-1, n, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         bias = self._bias(ws).unsqueeze(0)  # (1, heads, n, n)
-        if any(shift):
+        if shifted:
             mask = shifted_window_mask((Hp, Wp), ws, shift).to(x)  # (nW, n, n)
             bias = (bias.unsqueeze(0) + mask[None, :, None]).expand(B, -1, -1, -1, -1).reshape(B * nw, -1, n, n)
         out = attend(q, k, v, bias, self.attn_drop if self.training else 0.0)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(-1, n, C)))
         out = window_reverse(out, ws, Hp, Wp)[:, :H, :W]
-        if any(shift):
+        if shifted:
             out = torch.roll(out, shifts=shift, dims=(1, 2))
         return out.reshape(B, N, C)

@@ -21,6 +21,7 @@ __all__ = ["VARIANTS", "Paper", "VariantSpec", "build_with_features", "reach_tim
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NO_SCRIPT_REASON = "TorchScript is in maintenance in PyTorch; vitlab supports torch.export instead"
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,20 @@ class VariantSpec:
         dynamic_size: a built model runs on inputs of other sizes (position encodings resample or there
             are none). False: the size is fixed when the model is built (``img_size=``) and other inputs
             are refused or resized to it; build the model for the size you need.
+        pool_reduction: the stride of the ``(B, C, H, W)`` map that ``forward_features`` returns, for models that
+            return one; sets timm's ``pool_size`` (that map's size at ``img_size``). None: tokens (timm's ViT).
+        unpooled_output: ``global_pool=''`` is accepted, and ``forward_head`` then returns ``forward_features``'
+            output unpooled (timm's idiom); False where timm's own class refuses it (CrossViT, distilled DeiT).
         img_size_arg: the entrypoint takes ``img_size``. False for size-agnostic timm models without one
             (TinyViT): ``create_model`` checks and then drops it, since nothing is built for a size.
         grad_checkpointing: ``set_grad_checkpointing(True)`` is supported (if not, it raises).
         exportable: ``torch.export`` / ONNX work; if not, ``export_reason`` says why.
+        fx_traceable: FX symbolic tracing works (vitlab's classes: plain ``torch.fx.symbolic_trace``; timm's:
+            with timm's leaf modules and wrapped functions), so torchvision's ``create_feature_extractor`` and
+            timm's FX feature path do; if not, ``fx_reason`` says why.
+        scriptable: ``torch.jit.script`` works. TorchScript is in maintenance in PyTorch and vitlab promises
+            ``torch.export`` instead, so vitlab's own classes are not scriptable (``script_reason``); timm models
+            that timm scripts declare True.
         hf_hub_id: Hugging Face Hub repository of the official weights, loaded through the family's
             ``checkpoint_filter_fn`` (empty: no hub weights).
     """
@@ -72,24 +83,37 @@ class VariantSpec:
     test_kwargs: dict[str, Any] = field(default_factory=dict)
     isotropic: bool = False
     dynamic_size: bool = True
+    pool_reduction: int | None = None
+    unpooled_output: bool = True
     img_size_arg: bool = True
     grad_checkpointing: bool = True
     exportable: bool = True
     export_reason: str = ""
+    fx_traceable: bool = True
+    fx_reason: str = ""
+    scriptable: bool = False
+    script_reason: str = NO_SCRIPT_REASON
     timm_native: bool = False
     description: str = ""
     first_conv: str = "patch_embed.proj"
     classifier: str | tuple[str, ...] = "head"
     hf_hub_id: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.fx_traceable and not self.fx_reason:
+            raise ValueError("a VariantSpec with fx_traceable=False must give fx_reason")
+
     def paper_cfg(self) -> dict[str, Any]:
         """The paper fields of timm's ``PretrainedCfg`` (title, arXiv id, official code)."""
         return dict(paper_name=self.paper.title, paper_ids=f"arXiv:{self.paper.arxiv}", origin_url=self.paper.code)
 
     def pretrained_cfg(self) -> dict[str, Any]:
-        hub = {"hf_hub_id": self.hf_hub_id} if self.hf_hub_id else {}
+        optional: dict[str, Any] = {"hf_hub_id": self.hf_hub_id} if self.hf_hub_id else {}
+        if self.pool_reduction:  # strided convs and merges round up: 224 / 32 -> 7, 232 / 32 -> 8
+            side = -(-self.img_size // self.pool_reduction)
+            optional["pool_size"] = (side, side)
         return {
-            **hub,
+            **optional,
             "input_size": (self.in_chans, self.img_size, self.img_size),
             "mean": self.mean,
             "std": self.std,

@@ -16,8 +16,10 @@ Deviations: a ``Conv2d(1, D)`` over the channels folded into the batch instead o
 ``Conv3d(1, D, (1, p, p))`` (the same weights); the class token's position embedding is folded into the class
 token (the official pos_embed has a class slot; ``checkpoint_filter_fn`` adds it in), hence 384/768 fewer
 parameters; the channel embedding is excluded from weight decay like the position embedding; attention runs
-through ``F.scaled_dot_product_attention``. ``forward_intermediates`` returns the channels' token maps stacked
-along the height, ``(B, D, C * H', W')`` (``.unflatten(2, (C, H'))`` splits them).
+through ``F.scaled_dot_product_attention``. ``forward_intermediates`` (and ``features_only``) return each
+patch's tokens averaged over the channels, ``(B, D, H', W')`` at stride ``p`` as ``feature_info`` declares: the
+paper defines no dense output, and the mean keeps the width ``D`` and the scale for any channel subset (the
+subsets HCS trains on), where stacking or concatenating would make the map's shape depend on the channel count.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed, to_2tuple, trunc_normal_
 
-from ..layers import Attention, Grid, IsotropicBackbone, MetaBlock
+from ..layers import Attention, Grid, IsotropicBackbone, MetaBlock, tokens_to_map
 from ._variants import Paper, VariantSpec, build_with_features, register_variants
 
 __all__ = ["CHANNELVIT", "VARIANTS", "ChannelViT", "checkpoint_filter_fn"]
@@ -129,34 +131,21 @@ class ChannelViT(IsotropicBackbone):
 
     def channel_index(self, x: torch.Tensor, channels: ChannelIndex = None) -> torch.Tensor:
         """The model channels ``x`` holds as a ``(C,)`` long tensor, checked against ``x`` and ``in_chans``."""
-        C = x.shape[1]
-        if channels is None:
-            if self.in_chans != C:
-                raise ValueError(
-                    f"input has {C} channels but the model takes in_chans={self.in_chans}; for a subset of the "
-                    "channels pass channels= with their indices"
-                )
-            return torch.arange(C, device=x.device)
-        index = torch.as_tensor(channels, dtype=torch.long, device=x.device).flatten()
-        if index.numel() != C:
-            raise ValueError(f"channels lists {index.numel()} indices for an input of {C} channels")
-        if index.device.type != "meta":
-            values = index.tolist()
-            if not all(0 <= c < self.in_chans for c in values) or len(set(values)) != len(values):
-                raise ValueError(f"channels must be distinct indices in 0..{self.in_chans - 1}, got {values}")
-        return index
+        return _channel_index(x, channels, self.in_chans)
 
     def _embed(self, x: torch.Tensor, channels: ChannelIndex = None) -> tuple[torch.Tensor, Grid]:
         x = self.patch_embed(x, self.channel_index(x, channels))  # (B, C, H', W', D)
         B, C, H, W, D = x.shape
-        pos = self.pos_embed
-        if self.grid != (H, W):
-            pos = resample_abs_pos_embed(pos, new_size=(H, W), old_size=self.grid, num_prefix_tokens=0)
         # one position embedding for every channel; tokens are channel-major: (B, C*H'*W', D)
-        x = (x + pos.view(1, 1, H, W, D)).reshape(B, C * H * W, D)
+        x = (x + self._pos_embed_for((H, W)).view(1, 1, H, W, D)).reshape(B, C * H * W, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-        # the blocks ignore the grid; (C*H', W') makes the intermediates the channel maps stacked on the height
-        return self.pos_drop(x), (C * H, W)
+        # the blocks ignore the grid; it is the patch grid each channel's tokens fill
+        return self.pos_drop(x), (H, W)
+
+    def _tokens_to_map(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """``(B, 1 + C*H'*W', D)`` -> ``(B, D, H', W')``: the channels' token maps averaged (module docstring)."""
+        tokens = x[:, 1:].unflatten(1, (-1, grid[0] * grid[1])).mean(dim=1)  # (B, H'*W', D)
+        return tokens_to_map(tokens, grid)
 
     def forward_features(self, x: torch.Tensor, channels: ChannelIndex = None) -> torch.Tensor:
         """``(B, C, H, W)`` (the channels listed in ``channels``) -> normed tokens ``(B, 1 + C*H'*W', D)``."""
@@ -165,6 +154,27 @@ class ChannelViT(IsotropicBackbone):
 
     def forward(self, x: torch.Tensor, channels: ChannelIndex = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, channels))
+
+
+@torch.fx.wrap
+def _channel_index(x: torch.Tensor, channels: ChannelIndex, in_chans: int) -> torch.Tensor:
+    """``ChannelViT.channel_index``; one FX graph node (the checks read values), so the model traces."""
+    C = x.shape[1]
+    if channels is None:
+        if in_chans != C:
+            raise ValueError(
+                f"input has {C} channels but the model takes in_chans={in_chans}; for a subset of the "
+                "channels pass channels= with their indices"
+            )
+        return torch.arange(C, device=x.device)
+    index = torch.as_tensor(channels, dtype=torch.long, device=x.device).flatten()
+    if index.numel() != C:
+        raise ValueError(f"channels lists {index.numel()} indices for an input of {C} channels")
+    if index.device.type != "meta":
+        values = index.tolist()
+        if not all(0 <= c < in_chans for c in values) or len(set(values)) != len(values):
+            raise ValueError(f"channels must be distinct indices in 0..{in_chans - 1}, got {values}")
+    return index
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ChannelViT | None = None) -> dict[str, Any]:

@@ -8,7 +8,8 @@ small-patch branch's input (``*_240``, ``*_408``): the large-patch branch sees t
 
 Declared limits (timm's, kept rather than patched): learned position embeddings are built for the
 ``img_size`` the model is constructed with and other inputs are rescaled to it (``dynamic_size=False``:
-build with ``img_size=`` for another resolution); gradient checkpointing is not implemented.
+build with ``img_size=`` for another resolution); gradient checkpointing is not implemented; ``global_pool=''``
+is refused (two branches of tokens have no single unpooled output).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def _spec(
         test_kwargs=_TINY_DAGGER if dagger else _TINY,
         dynamic_size=False,
         grad_checkpointing=False,
+        unpooled_output=False,
+        scriptable=True,  # timm's class, which timm scripts
         first_conv="patch_embed.0.proj.0" if dagger else "patch_embed.0.proj",
         classifier=("head.0", "head.1"),
     )

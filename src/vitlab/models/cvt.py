@@ -189,7 +189,8 @@ class CvT(nn.Module):
         patch_sizes, patch_strides, patch_padding: the token embedding's conv per stage.
         kernel_size: the q/k/v depthwise convolutions' kernel; ``stride_kv`` subsamples k and v.
         use_cls_token: add a CLS token to the last stage (the paper); otherwise pool by averaging.
-        global_pool: ``"token"`` (the CLS token) or ``"avg"``; default: ``"token"`` when there is one.
+        global_pool: ``"token"`` (the CLS token), ``"avg"`` or ``""`` (all tokens, unpooled); default: ``"token"``
+            when there is one.
         act_layer: MLP activation, a class or a timm name (``"gelu"``, ``"quick_gelu"``).
     """
 
@@ -224,7 +225,9 @@ class CvT(nn.Module):
             raise ValueError("embed_dims, depths, num_heads, patch_sizes and patch_strides need one entry per stage")
         self.img_size = img_size
         self.num_classes = num_classes
-        self.global_pool = self._check_pool(global_pool or ("token" if use_cls_token else "avg"), use_cls_token)
+        if global_pool is None:
+            global_pool = "token" if use_cls_token else "avg"
+        self.global_pool = self._check_pool(global_pool, use_cls_token)
         self.num_prefix_tokens = 1 if use_cls_token else 0
         self.num_features = self.head_hidden_size = embed_dims[-1]
         total = sum(depths)
@@ -251,8 +254,10 @@ class CvT(nn.Module):
 
     @staticmethod
     def _check_pool(global_pool: str, has_cls_token: bool) -> str:
-        if global_pool not in ("token", "avg") or (global_pool == "token" and not has_cls_token):
-            raise ValueError(f"global_pool must be 'avg' or, with a CLS token, 'token'; got {global_pool!r}")
+        if global_pool not in ("token", "avg", "") or (global_pool == "token" and not has_cls_token):
+            raise ValueError(
+                f"global_pool must be 'avg', '' (no pooling) or, with a CLS token, 'token'; got {global_pool!r}"
+            )
         return global_pool
 
     @staticmethod
@@ -334,7 +339,11 @@ class CvT(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        # global_pool='': every token (B, P + N, C), as timm's ViT
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import Attention, Grid, IsotropicBackbone, MetaBlock
+from ..layers import Attention, Grid, IsotropicBackbone, MetaBlock, is_fx_tracing
 from ._variants import Paper, VariantSpec, build_with_features, register_variants
 
 __all__ = ["DUOFORMER", "VARIANTS", "DuoFormer", "split_patches"]
@@ -63,7 +63,7 @@ SCALE_TOKENS = ("learned", "hierarchical")
 def split_patches(x: torch.Tensor, cells: int) -> torch.Tensor:
     """``(B, D, Hp * k, Wp * k)`` map -> ``(B, Hp * Wp, k * k, D)``: the ``k x k`` cells under each patch, row-major."""
     B, D, H, W = x.shape
-    if H % cells or W % cells:
+    if not is_fx_tracing() and (H % cells or W % cells):
         raise ValueError(f"a {H}x{W} map does not split into {cells}x{cells} cells per patch")
     x = x.reshape(B, D, H // cells, cells, W // cells, cells).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(B, (H // cells) * (W // cells), cells * cells, D)
@@ -174,7 +174,7 @@ class _MultiScaleTokenizer(nn.Module):
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         """``(B, C, H, W)`` image -> ``(B, N, 1 + S, D)`` scale token + multi-scale tokens per patch, and the grid."""
         pad_h, pad_w = -x.shape[-2] % self.patch_size, -x.shape[-1] % self.patch_size
-        if pad_h or pad_w:
+        if is_fx_tracing() or pad_h or pad_w:  # (traced, the padding is a proxy: pad, perhaps by nothing)
             x = F.pad(x, (0, pad_w, 0, pad_h))  # whole patches: every scale then nests exactly
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         feats = self.backbone(x)  # finest first

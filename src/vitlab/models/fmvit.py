@@ -47,7 +47,7 @@ from timm.layers import DropPath
 from timm.models.fastvit import MobileOneBlock
 from timm.models.nextvit import merge_pre_bn
 
-from ..layers import HierarchicalBackbone, Stage, attend, map_to_tokens, tokens_to_map
+from ..layers import HierarchicalBackbone, Stage, attend, is_fx_tracing, map_to_tokens, tokens_to_map
 from ..layers.block import Grid
 from ._variants import Paper, VariantSpec, build_with_features, register_variants
 
@@ -270,6 +270,10 @@ class _Downsample(nn.Module):
 class _TokenBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the channels of ``(B, N, C)`` tokens (the final norm, BN as in Next-ViT)."""
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not is_fx_tracing():  # traced, ``input.dim()`` is a proxy
+            super()._check_input_dim(input)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
@@ -377,6 +381,7 @@ def _spec(depths: tuple[int, ...], size: str, params_m: float, gmacs: float) -> 
         ref_source=_SOURCE.format(size),
         test_kwargs=_TINY,
         first_conv="stem.0.conv_kxk.0.conv",
+        pool_reduction=32,
         description=f"FMViT on the Next-ViT-{size} layout (reconstructed; training form, reparameterize() for deploy)",
     )
 

@@ -104,6 +104,8 @@ def _spec(size: str, arch: dict[str, Any], params_m: float, gmacs: float, hybrid
         ref_source=_SOURCE.format(size, method),
         test_kwargs={**_TINY, "num_hyena_blocks": 1} if hybrid else _TINY,
         isotropic=True,
+        fx_traceable=False,
+        fx_reason="HyenaMixer evaluates its implicit filters (and caches their spectra) per grid size in Python",
         description=f"Hyena-DeiT-{size}, {kind}",
     )
 

@@ -158,6 +158,7 @@ def _spec(arch: dict[str, Any], params_m: float, gmacs: float, swin: str, paper:
         ref_source=_SOURCE.format(swin),
         test_kwargs=_TINY,
         first_conv="stem.proj",
+        pool_reduction=32,
         description=f"{paper} (reconstructed config): local windows + GLD global tokens fused by attention.",
     )
 

@@ -186,7 +186,10 @@ def _spec(arch: dict[str, Any], params_m: float, gmacs: float, name: str) -> Var
         "(the paper and README round them)",
         test_kwargs=_TINY,
         first_conv="stem.proj",
+        pool_reduction=32,
         exportable=True,
+        fx_traceable=False,
+        fx_reason="SelectiveScan2d picks its chunking and scan path from the grid size and values in Python",
         description="Multi-scale 2-D selective scan + ConvFFN (ImageNet-1k, 224 px).",
     )
 

@@ -35,6 +35,7 @@ from ..layers import (
     fused_conv,
     fused_inference_ok,
     fused_linear,
+    is_fx_tracing,
     map_to_tokens,
     plus_identity,
     tokens_to_map,
@@ -54,6 +55,10 @@ PPMA_PAPER = Paper(
 
 class _TokenBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the channels of ``(B, N, C)`` tokens (the official stem/downsample norm)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not is_fx_tracing():  # traced, ``input.dim()`` is a proxy
+            super()._check_input_dim(input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
@@ -217,6 +222,9 @@ def _spec(arch: dict[str, Any], params_m: float, gmacs: float, name: str) -> Var
         ref_source=f"PPMA Table 1 / official README ({name}, ImageNet-1K 224)",
         test_kwargs=_TINY,
         first_conv="stem.0",
+        pool_reduction=32,
+        fx_traceable=False,
+        fx_reason="polyline path attention loops over batch-head chunks sized from the token count in Python",
     )
 
 

@@ -238,6 +238,7 @@ def _spec(arch: dict[str, Any], params_m: float, gmacs: float, size: str) -> Var
         ref_source=_SOURCE,
         test_kwargs=_TINY,
         first_conv="stem.0.conv",
+        pool_reduction=32,
         description=f"S2AFormer-{size} (reconstructed configuration): strip self-attention + HPBs, 224 px.",
     )
 

@@ -178,6 +178,7 @@ def _spec(arch: dict[str, Any], params_m: float, gmacs: float | None, source: st
         test_kwargs=_TINY_H if hierarchical else _TINY,
         isotropic=not hierarchical,
         first_conv="stem.conv.0.conv" if hierarchical else "patch_embed.proj",
+        pool_reduction=32 if hierarchical else None,
         classifier=("head", "aux_head") if hierarchical else "head",
         description="Hierarchical (SpectFormer-H)" if hierarchical else "Vanilla (isotropic, patch 16)",
     )

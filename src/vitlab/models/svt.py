@@ -95,7 +95,10 @@ def _spec(arch: dict[str, Any], params_m: float | None, paper: str) -> VariantSp
         ref_source=f"paper Table 2 (hierarchical SVT) and the official README: {paper}",
         test_kwargs=_TINY,
         first_conv="stem.conv.0.conv",
+        pool_reduction=32,
         classifier=("head", "aux_head"),
+        fx_traceable=False,
+        fx_reason="the DTCWT builds its filter matrices per grid size in NumPy and writes the bands in place",
         description="Scattering (DTCWT) mixer in stage 1, attention after it (ImageNet-1k, 224 px).",
     )
 

@@ -4,11 +4,16 @@
 timm's ``SwinTransformer`` is faithful to the official code (its checkpoints load unchanged), so the
 paper's variants are reached, not copied: this file adds vitlab metadata and ``dynamic_img_size=True``,
 with which timm pads the token grid to whole windows and builds the shifted-window attention mask for
-each input size, so a model runs at any resolution. Deviation: none in the architecture; the mask is
-built per forward instead of once per size.
+each input size, and timm's ``PatchEmbed`` with ``dynamic_img_pad=True`` (the image zero-padded on the right
+and bottom to whole patches), so a model runs at any resolution. Deviation: none in the architecture; the
+mask is built per forward instead of once per size.
 """
 
 from __future__ import annotations
+
+from functools import partial
+
+from timm.layers import PatchEmbed
 
 from ._variants import Paper, VariantSpec, reach_timm_models
 
@@ -25,10 +30,13 @@ SWIN = Paper(
 # windows of 4, so the contract tests exercise shifting, masking and, at 48 px, padding.
 _TINY = {"embed_dim": 16, "depths": (2, 2), "num_heads": (1, 2), "window_size": 4, "img_size": 32}
 _timm = {
-    "kwargs": {"dynamic_img_size": True},
+    "kwargs": {"dynamic_img_size": True, "embed_layer": partial(PatchEmbed, dynamic_img_pad=True)},
     "test_kwargs": _TINY,
     "classifier": "head.fc",
     "ref_params_rounding": 1.0,  # the paper gives whole millions
+    "scriptable": True,  # timm's class, which timm scripts
+    "fx_traceable": False,
+    "fx_reason": "timm's Swin with dynamic_img_size builds its shift mask by item assignment (timm's own model)",
 }
 
 # Swin Table 1: params and FLOPs (multiply-accumulates), ImageNet-1k head; (b) holds the 22k-pretrained L.

@@ -153,6 +153,9 @@ def _spec(arch: dict[str, Any], params_m: float, gmacs: float, size: str) -> Var
         ref_source=_SOURCE.format(size),
         test_kwargs=_TINY,
         first_conv="stem.embed.proj",
+        pool_reduction=32,
+        fx_traceable=False,
+        fx_reason="MSAConv sizes its blocks from the grid in Python and gathers key halos with as_strided",
         description=f"TiC-{size} (reconstructed configuration), MSA-Conv 7x7, ImageNet-1k 224 px.",
     )
 

@@ -56,6 +56,7 @@ _timm = {
     "img_size_arg": False,
     "first_conv": "patch_embed.conv1.conv",
     "classifier": "head.fc",
+    "scriptable": True,  # timm's class, which timm scripts
 }
 TIMM_VARIANTS = {
     "tiny_vit_5m_224": VariantSpec(
@@ -118,7 +119,9 @@ VARIANTS = {
         test_kwargs={"embed_dims": (16, 32, 48), "depths": (1, 1, 1), "num_heads": (1, 2, 3)},
         description="TinyViT for 28-32 px (3 stages), the Fashion-MNIST quickstart default",
         first_conv="patch_embed.conv1.conv",
+        pool_reduction=16,  # 28 px -> 7, 4, 2 (stride-2 merges round up)
         classifier="head.fc",
+        scriptable=True,
     ),
 }
 

@@ -40,6 +40,7 @@ from ..layers import (
     apply_rope,
     attend,
     grid_positions,
+    is_fx_tracing,
     pack_sequences,
     rope_2d_angles,
 )
@@ -82,7 +83,7 @@ class RopeAttention(Attention):
     ) -> torch.Tensor:
         B, N, C = x.shape
         if angles is None:
-            if grid is None or grid[0] * grid[1] != N:
+            if grid is None or (not is_fx_tracing() and grid[0] * grid[1] != N):
                 raise ValueError(f"RopeAttention needs the token grid of its {N} tokens, or explicit angles")
             angles = rope_2d_angles(grid_positions(grid, x.device), self.head_dim, self.rope_theta)
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)

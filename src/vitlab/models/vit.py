@@ -5,7 +5,8 @@ DeiT: "Training data-efficient image transformers & distillation through attenti
 github.com/facebookresearch/deit.
 
 timm implements both faithfully, so the ImageNet variants are reached, not copied: vitlab adds
-metadata and ``dynamic_img_size=True`` (any input size; position embeddings resample). This file
+metadata and ``dynamic_img_size=True, dynamic_img_pad=True`` (any input size: position embeddings
+resample, and the image is zero-padded on the right and bottom to whole patches). This file
 adds small-image variants for 28-32 px inputs (patch 4, 7x7 or 8x8 tokens), built from timm's
 ``VisionTransformer`` / ``VisionTransformerDistilled``; their sizes are vitlab's, not a paper's.
 """
@@ -37,7 +38,11 @@ FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 
 # The registry-wide contract tests build this instead of the full-size network.
 _TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32, "patch_size": 8}
-_timm = {"kwargs": {"dynamic_img_size": True}, "isotropic": True, "test_kwargs": _TINY}
+_ANY_SIZE = {"dynamic_img_size": True, "dynamic_img_pad": True}
+_timm = {"kwargs": _ANY_SIZE, "isotropic": True, "test_kwargs": _TINY, "scriptable": True}  # timm scripts them
+# timm's distilled head reads the class and distillation tokens: it refuses global_pool=''
+_DISTILLED_FX = "timm's VisionTransformerDistilled resamples its position embedding outside timm's FX-wrapped call"
+_timm_distilled = {**_timm, "unpooled_output": False, "fx_traceable": False, "fx_reason": _DISTILLED_FX}
 
 # Reference figures: ViT Table 1 (params), DeiT Table 1 (params, FLOPs = multiply-accumulates).
 TIMM_VARIANTS = {
@@ -57,13 +62,13 @@ TIMM_VARIANTS = {
     "deit_small_patch16_224": VariantSpec(DEIT, ref_params_m=22.1, ref_gmacs=4.6, ref_source="DeiT Table 1", **_timm),
     "deit_base_patch16_224": VariantSpec(DEIT, ref_params_m=86.6, ref_gmacs=17.6, ref_source="DeiT Table 1", **_timm),
     "deit_tiny_distilled_patch16_224": VariantSpec(
-        DEIT, ref_params_m=5.9, ref_gmacs=1.3, ref_source="DeiT Table 1 (⚗)", **_timm
+        DEIT, ref_params_m=5.9, ref_gmacs=1.3, ref_source="DeiT Table 1 (⚗)", **_timm_distilled
     ),
     "deit_small_distilled_patch16_224": VariantSpec(
-        DEIT, ref_params_m=22.4, ref_gmacs=4.6, ref_source="DeiT Table 1 (⚗)", **_timm
+        DEIT, ref_params_m=22.4, ref_gmacs=4.6, ref_source="DeiT Table 1 (⚗)", **_timm_distilled
     ),
     "deit_base_distilled_patch16_224": VariantSpec(
-        DEIT, ref_params_m=87.3, ref_gmacs=17.7, ref_source="DeiT Table 1 (⚗)", **_timm
+        DEIT, ref_params_m=87.3, ref_gmacs=17.7, ref_source="DeiT Table 1 (⚗)", **_timm_distilled
     ),
 }
 
@@ -85,7 +90,7 @@ def _create(variant: str, pretrained: bool = False, distilled: bool = False, **k
 
 
 def _small(desc: str, distilled: bool = False, **arch: Any) -> VariantSpec:
-    kwargs = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, dynamic_img_size=True, **arch)
+    kwargs = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, **_ANY_SIZE, **arch)
     if distilled:
         kwargs["distilled"] = True
     return VariantSpec(
@@ -100,6 +105,10 @@ def _small(desc: str, distilled: bool = False, **arch: Any) -> VariantSpec:
         ref_source="vitlab small-image size (no paper table)",
         test_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2},
         isotropic=True,
+        unpooled_output=not distilled,
+        scriptable=True,  # timm's classes, which timm scripts
+        fx_traceable=not distilled,
+        fx_reason=_DISTILLED_FX if distilled else "",
         description=desc,
     )
 
