@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ExportError", "TrainingDivergedError", "VitlabError"]
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["CheckpointError", "ExportError", "TrainingDivergedError", "VitlabError", "did_you_mean"]
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``" Did you mean: a, b?"`` with the names closest to ``name``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(name), list(choices), n=5, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 class VitlabError(Exception):

@@ -8,12 +8,12 @@ the engine stores in checkpoint metadata and replays on load, so a compressed mo
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
 import torch.nn as nn
 
+from ..errors import did_you_mean
 from . import magnitude, reparam
 from ._method import Method
 from ._record import KINDS, check_jsonable, record_surgery, set_surgery, surgery_of
@@ -45,8 +45,7 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> Method:
     """The method called ``name``; an unknown name is a ``ValueError`` suggesting close ones."""
     if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, METHODS)
         raise ValueError(f"unknown compression method {name!r}.{hint} Known: {', '.join(list_methods())}")
     return METHODS[name]
 

@@ -85,17 +85,22 @@ class TensorImageDataset:
 
     def subset(self, n_or_indices: int | Sequence[int] | torch.Tensor, seed: int = 0) -> "TensorImageDataset":
         """Return ``n`` items drawn at random (fixed by ``seed``, kept in dataset order), or the given indices."""
-        if isinstance(n_or_indices, (int, np.integer)):
-            n = int(n_or_indices)
-            if not 0 <= n <= len(self):
-                raise ValueError(f"subset size {n} is out of range for dataset {self.name!r} of {len(self)} items")
-            generator = torch.Generator().manual_seed(seed)
-            index = torch.randperm(len(self), generator=generator)[:n].sort().values
-        else:
-            index = torch.as_tensor(np.asarray(n_or_indices, dtype=np.int64).reshape(-1))
-            if len(index) and (int(index.min()) < -len(self) or int(index.max()) >= len(self)):
-                raise IndexError(f"subset indices out of range for dataset {self.name!r} of {len(self)} items")
+        index = subset_index(n_or_indices, len(self), seed, f"dataset {self.name!r}")
         return replace(self, images=self.images[index], targets=self.targets[index], classes=list(self.classes))
+
+
+def subset_index(n_or_indices: int | Sequence[int] | torch.Tensor, size: int, seed: int, what: str) -> torch.Tensor:
+    """Indices of a subset of ``size`` items: ``n`` drawn at random (fixed by ``seed``, in order), or those given
+    (negative ones count from the end). ``what`` names the data set in errors."""
+    if isinstance(n_or_indices, (int, np.integer)):
+        n = int(n_or_indices)
+        if not 0 <= n <= size:
+            raise ValueError(f"subset size {n} is out of range for {what} of {size} items")
+        return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    index = torch.as_tensor(np.asarray(n_or_indices, dtype=np.int64).reshape(-1))
+    if len(index) and (int(index.min()) < -size or int(index.max()) >= size):
+        raise IndexError(f"subset indices out of range for {what} of {size} items")
+    return index % max(size, 1)
 
 
 def make_synthetic(

@@ -116,8 +116,8 @@ class NanGuard(Callback):
 class StepLogger(Callback):
     """A metrics line every ``every`` steps: loss, the objective's logs, learning rate and images per second."""
 
-    def __init__(self, every: int, bar: Any) -> None:
-        self.every, self.bar = every, bar
+    def __init__(self, every: int, bar: Any = None) -> None:
+        self.every, self.bar = every, bar  # the run's progress bar, set once the run has one
         self.t_last, self.seen = time.perf_counter(), 0
 
     def after_step(self, state: TrainState) -> None:
@@ -147,7 +147,7 @@ class Evaluator(Callback):
         from .evaluate import shard_batches
 
         t0 = time.perf_counter()
-        batches = shard_batches(_epoch0(state.eval_loader), state.env)
+        batches = shard_batches(state.eval_loader.iter_batches(0), state.env)
         res = self.objective.evaluate(
             state.scored or state.model, batches, state.device, state.autocast, state.env.enabled
         )
@@ -159,10 +159,6 @@ class Evaluator(Callback):
         shown = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items())
         state.say(f"epoch {state.epoch}: {shown}")
         state.net.train()
-
-
-def _epoch0(loader: Any) -> Any:
-    return loader.iter_batches(0) if hasattr(loader, "iter_batches") else loader.iter_epoch(0)
 
 
 class Checkpointer(Callback):

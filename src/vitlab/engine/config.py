@@ -25,6 +25,7 @@ __all__ = [
     "ReduceConfig",
     "RunConfig",
     "TaskConfig",
+    "check_fields",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -173,12 +174,17 @@ class RunConfig:
             ("in_chans", self.model.in_chans, self.model.in_chans is None or self.model.in_chans >= 1, ">= 1"),
             ("amp_dtype", self.amp_dtype, self.amp_dtype in ("bfloat16", "float16"), "bfloat16 or float16"),
         ]
-        for name, value, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+        check_fields(checks)
         from .techniques import validate_techniques
 
         validate_techniques(self)
+
+
+def check_fields(checks: list[tuple[str, Any, bool, str]]) -> None:
+    """Raise a ValueError naming the flag of the first ``(field, value, ok, expected)`` that is not ok."""
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
 
 
 _GROUPS = {

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..data import match_channels, resize_batch
 from ..errors import CheckpointError
 from ..models import UnknownModelError, create_model, get_variant
-from .config import DistillConfig
+from .config import DistillConfig, check_fields
 from .objective import ObjectiveWrapper
 from .technique import Technique
 
@@ -222,9 +222,7 @@ def _validate(cfg: Any) -> None:
         ("distill_alpha", d.distill_alpha, 0 <= d.distill_alpha <= 1, "in [0, 1]"),
         ("distill_tau", d.distill_tau, d.distill_tau > 0, "a number > 0"),
     ]
-    for name, value, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+    check_fields(checks)
 
 
 TECHNIQUE = Technique(

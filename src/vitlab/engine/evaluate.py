@@ -31,10 +31,8 @@ class EvalResult:
 
 
 def shard_batches(batches: Any, env: DistEnv | None) -> Iterator[dict[str, Any]]:
-    """Dict batches (or ``(x, y)`` pairs), each cut to this rank's contiguous shard under torchrun."""
+    """Dict batches, each cut to this rank's contiguous shard under torchrun."""
     for batch in batches:
-        if isinstance(batch, tuple):
-            batch = {"image": batch[0], "label": batch[1]}
         if env is not None and env.enabled:
             batch = shard_dict(env, batch)
             if batch["image"].shape[0] == 0:
@@ -60,6 +58,6 @@ def evaluate_model(
 
     autocast = partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp)
     sync = dist_env is not None and dist_env.enabled
-    batches = shard_batches(loader.iter_epoch(0), dist_env)
+    batches = shard_batches(loader.iter_batches(0), dist_env)
     res = ClassificationObjective(classes).evaluate(model, batches, device, autocast, sync)
     return EvalResult(**res)

@@ -306,6 +306,11 @@ class StoredDistillation:
             self._batch = _Batch(stored.seeds[idx], stored.probs[idx], stored.classes[idx])
             yield _prepare(images, self._batch.seeds, self.loader), y
 
+    def iter_batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """``iter_epoch`` as the loop's dict batches (``image``, ``label``)."""
+        for x, y in self.iter_epoch(epoch, start_batch):
+            yield {"image": x, "label": y}
+
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup/cutmix of the current batch, drawn as the save job drew it."""
         if self.mixup is None or self._batch is None:

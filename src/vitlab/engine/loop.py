@@ -34,14 +34,6 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool =
     return out
 
 
-def _batches(loader: Any, epoch: int, start: int) -> Any:
-    if hasattr(loader, "iter_batches"):
-        yield from loader.iter_batches(epoch, start_batch=start)
-        return
-    for x, y in loader.iter_epoch(epoch, start_batch=start):  # a loader of (image, label) pairs
-        yield {"image": x, "label": y}
-
-
 def _forward(state: TrainState, objective: Objective, callbacks: CallbackList, batch: dict[str, Any]) -> Any:
     """The step's forward and loss; ``state.last`` gets the global-batch mean loss and logs."""
     env = state.env
@@ -94,7 +86,7 @@ def fit(state: TrainState, objective: Objective, callbacks: CallbackList) -> Non
     try:
         while state.step < state.total_steps:
             start = state.step % state.steps_per_epoch
-            for batch in _batches(state.train_loader, state.epoch, start):
+            for batch in state.train_loader.iter_batches(state.epoch, start_batch=start):
                 batch = to_device(batch, state.device, state.cfg.channels_last)
                 loss = _forward(state, objective, callbacks, batch)
                 callbacks.fire("after_forward", state, state.last)

@@ -32,6 +32,7 @@ from .checkpoint import save_weights
 from .config import RunConfig, config_to_dict, load_config
 from .distributed import DistEnv, broadcast_from_main, seed_rank, setup_distributed, teardown_distributed, wrap_model
 from .inference import evaluate_run, init_from_checkpoint
+from .loop import fit
 from .objective import ClassificationObjective
 from .plots import plot_curves
 from .setup import (
@@ -171,45 +172,64 @@ def _build(cfg: RunConfig, env: DistEnv, device: torch.device) -> tuple[Setup, d
     return setup, data, optimizer, scheduler, ema
 
 
+class _RunLog:
+    """metrics.jsonl and the progress bar; only rank 0 writes or prints."""
+
+    def __init__(self, run: Path, total: int, initial: int, is_main: bool) -> None:
+        self.file = open(run / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115 (kept open for the run)
+        self.bar = tqdm(
+            total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+            disable=not is_main,
+        )  # fmt: skip
+
+    def log(self, rec: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+
+    def say(self, text: str) -> None:
+        if self.file is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+
 def _run(cfg: RunConfig, resume: str | Path | None, env: DistEnv, device: torch.device) -> Path:
     setup, data, optimizer, scheduler, ema = _build(cfg, env, device)
     use_amp, amp_dtype, scaler = amp_setup(cfg.amp, cfg.amp_dtype, device)
     run = Path(resume) if resume is not None else broadcast_from_main(env, lambda: _new_run_dir(cfg))
     state = TrainState(
-        cfg, env, device, setup.model, setup.model, optimizer, scheduler, setup.train_loader, data["eval"],
-        data["eval_split"], run, _metadata(cfg, setup), setup.total_steps, len(setup.train_loader),
-        partial(torch.autocast, device.type, dtype=amp_dtype, enabled=use_amp), scaler,
+        cfg=cfg, env=env, device=device, model=setup.model, net=setup.model, optimizer=optimizer,
+        scheduler=scheduler, train_loader=setup.train_loader, eval_loader=data["eval"],
+        eval_split=data["eval_split"], run=run, meta=_metadata(cfg, setup), total_steps=setup.total_steps,
+        steps_per_epoch=len(setup.train_loader), scaler=scaler,
+        autocast=partial(torch.autocast, device.type, dtype=amp_dtype, enabled=use_amp),
     )  # fmt: skip
-    evaluator = Evaluator(setup.objective)
+    evaluator, logger = Evaluator(setup.objective), StepLogger(cfg.log_every)
     callbacks = CallbackList([])
     checkpointer = Checkpointer(setup.objective, cfg.ckpt_every, callbacks)
     generic: list[Callback] = [MixBatch(setup.mix)] if setup.mix is not None else []
     generic += [NanGuard()] + ([ema] if ema is not None else [])
-    bar = tqdm(total=state.total_steps, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-    bar.disable = not env.is_main
-    callbacks.callbacks = [*setup.callbacks, *generic, StepLogger(cfg.log_every, bar), evaluator, checkpointer]
+    callbacks.callbacks = [*setup.callbacks, *generic, logger, evaluator, checkpointer]
     if resume is not None:
         callbacks.load_state_dict(restore_state(state))
         if env.is_main:
             truncate_metrics(run / "metrics.jsonl", state.step)
-    bar.n = bar.last_print_n = state.step
     seed_rank(env, cfg.seed, state.step)
     # DDP when several processes train; state.model stays the plain module (SyncBatchNorm converted in place)
     state.net = wrap_model(setup.model, env, device, cfg.sync_bn)
     if cfg.compile:  # after DDP, as PyTorch recommends; errors fall back to eager (engine/accel.py)
         state.net = CompiledOrEager(state.net)
-    metrics = open(run / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115 (kept open for the run)
-    state.log = lambda rec: metrics is not None and (metrics.write(json.dumps(rec) + "\n"), metrics.flush())
-    state.say = lambda text: env.is_main and bar.write(text)
+    runlog = _RunLog(run, state.total_steps, state.step, env.is_main)
+    state.log, state.say, logger.bar = runlog.log, runlog.say, runlog.bar
     t_start = time.perf_counter()
     try:
-        from .loop import fit
-
         fit(state, setup.objective, callbacks)
     finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
+        runlog.close()
     if env.is_main and state.step >= state.total_steps:
         _finish(state, setup, checkpointer, time.perf_counter() - t_start - evaluator.seconds, t_start)
     return run

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from typing import Any
 
 import timm
 import torch.nn as nn
 
+from ..errors import did_you_mean
 from ._variants import VARIANTS, VariantSpec
 
 __all__ = ["UnknownModelError", "create_model", "get_variant", "list_models"]
@@ -33,8 +33,7 @@ def get_variant(name: str) -> VariantSpec:
     arch = name.split(".", 1)[0]
     if arch in VARIANTS:
         return VARIANTS[arch]
-    close = difflib.get_close_matches(arch, list(VARIANTS), n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    hint = did_you_mean(arch, VARIANTS)
     extra = " It is a timm model without vitlab metadata." if timm.is_model(arch) else ""
     raise UnknownModelError(f"unknown vitlab model {name!r}.{extra}{hint} See `vitlab list`.")
 

@@ -7,13 +7,13 @@ without distillation token) and every isotropic vitlab model; see ``_runtime.py`
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..errors import did_you_mean
 from ..models import VARIANTS
 from . import ats, evit, mctf, tome
 from ._runtime import SUPPORTED_HOSTS, Method, ReducedBlocks, ReducingBlock, TokenState, check_host
@@ -40,8 +40,7 @@ def list_methods() -> list[str]:
 
 def _get_method(name: str) -> Method:
     if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, METHODS)
         raise ValueError(f"unknown token-reduction method {name!r}.{hint} Known: {', '.join(list_methods())}")
     return METHODS[name]
 

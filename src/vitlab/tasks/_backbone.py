@@ -10,7 +10,6 @@ Nothing here looks inside a backbone (DESIGN.md "Tasks"; STYLE.md B.15).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from ..errors import did_you_mean
 from ..layers.necks import FeaturePyramidNeck, SimpleFeaturePyramid
 from ..models import VARIANTS, UnknownModelError, create_model
 
@@ -37,9 +37,9 @@ def create_backbone(name: str, *, in_chans: int, img_size: int, **kwargs: Any) -
         return create_model(name, num_classes=0, in_chans=in_chans, img_size=img_size, **kwargs)
     if not timm.is_model(name):
         names = sorted(set(VARIANTS) | set(timm.list_models()))
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise UnknownModelError(f"unknown backbone {name!r}.{hint} See `vitlab list` or timm.list_models().")
+        raise UnknownModelError(
+            f"unknown backbone {name!r}.{did_you_mean(name, names)} See `vitlab list` or timm.list_models()."
+        )
     try:
         return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, **kwargs)
     except TypeError as err:

@@ -7,11 +7,10 @@ Task models keep their own registry (timm's registry keeps backbones, DESIGN.md 
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from typing import Any
 
-from ..errors import VitlabError
+from ..errors import VitlabError, did_you_mean
 from .base import TaskModel, TaskSpec
 
 __all__ = ["TASKS", "UnknownTaskError", "create_task_model", "get_task", "list_tasks", "register_task"]
@@ -51,9 +50,9 @@ def get_task(name: str) -> TaskSpec:
     """The spec of task model ``name``; an unknown name suggests the close ones."""
     if name in TASKS:
         return TASKS[name]
-    close = difflib.get_close_matches(str(name), list(TASKS), n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise UnknownTaskError(f"unknown task model {name!r}.{hint} Known: {', '.join(list_tasks()) or 'none'}.")
+    raise UnknownTaskError(
+        f"unknown task model {name!r}.{did_you_mean(name, TASKS)} Known: {', '.join(list_tasks()) or 'none'}."
+    )
 
 
 def create_task_model(

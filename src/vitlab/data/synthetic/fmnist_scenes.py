@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +55,21 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
         raise ValueError(f"{name}={value} is out of range; expected {lo}..{hi}")
 
 
-def _validate(
-    split: str,
-    n: int,
-    seed: int,
-    canvas: int,
-    min_items: int,
-    max_items: int,
-    scale: tuple[float, float],
-    max_rotation: float,
-    background: str,
-) -> None:
+@dataclass(frozen=True)
+class _Recipe:
+    """What a scene is drawn from, besides its seed: the generator's parameters (cache key order)."""
+
+    canvas: int
+    min_items: int
+    max_items: int
+    scale: tuple[float, float]
+    max_rotation: float
+    background: str
+
+
+def _validate(split: str, n: int, seed: int, recipe: _Recipe) -> None:
+    canvas, min_items, max_items = recipe.canvas, recipe.min_items, recipe.max_items
+    scale, max_rotation, background = recipe.scale, recipe.max_rotation, recipe.background
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is unknown; expected one of {list(SPLITS)}")
     for name, value in (
@@ -132,15 +137,12 @@ def _render_scene(
     rng: np.random.Generator,
     pool: np.ndarray,
     pool_labels: np.ndarray,
-    canvas: int,
-    min_items: int,
-    max_items: int,
-    scale: tuple[float, float],
-    max_rotation: float,
-    background: str,
+    recipe: _Recipe,
     interp: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw one scene: image uint8 (H, W), panoptic uint8 (H, W), labels int64 (M,) in painter's order."""
+    canvas, min_items, max_items = recipe.canvas, recipe.min_items, recipe.max_items
+    scale, max_rotation, background = recipe.scale, recipe.max_rotation, recipe.background
     H = W = canvas
     k = int(rng.integers(min_items, max_items + 1))
     index = rng.integers(0, len(pool), size=k)
@@ -212,13 +214,9 @@ def _generate(
     split: str,
     n: int,
     seed: int,
-    canvas: int,
-    min_items: int,
-    max_items: int,
-    scale: tuple[float, float],
-    max_rotation: float,
-    background: str,
+    recipe: _Recipe,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    canvas = recipe.canvas
     images = np.empty((n, 1, canvas, canvas), np.uint8)
     panoptic = np.empty((n, canvas, canvas), np.uint8)
     labels, counts = [], np.empty(n, np.int64)
@@ -226,9 +224,7 @@ def _generate(
     for i in range(n):
         # a per-scene stream: scene i is the same whatever n is and whichever scenes come before it
         rng = np.random.default_rng([seed, _SPLIT_TAG[split], i])
-        image, ids, scene_labels = _render_scene(
-            rng, pool, pool_labels, canvas, min_items, max_items, scale, max_rotation, background, interp
-        )
+        image, ids, scene_labels = _render_scene(rng, pool, pool_labels, recipe, interp)
         images[i, 0], panoptic[i] = image, ids
         labels.append(scene_labels)
         counts[i] = len(scene_labels)
@@ -291,7 +287,8 @@ def generate_fmnist_scenes(
         ValueError: an argument is out of range; the message names it and the range.
     """
     scale = (float(scale[0]), float(scale[1])) if len(scale) == 2 else tuple(scale)
-    _validate(split, n, seed, canvas, min_items, max_items, scale, max_rotation, background)
+    recipe = _Recipe(canvas, min_items, max_items, scale, max_rotation, background)
+    _validate(split, n, seed, recipe)
     if source is not None and (source.in_chans != 1 or len(source) == 0):
         raise ValueError(f"source must hold gray (N, 1, h, w) items, got {len(source)} of {source.in_chans} channels")
     params = {
@@ -300,12 +297,10 @@ def generate_fmnist_scenes(
         "split": split,
         "n": int(n),
         "seed": int(seed),
-        "canvas": int(canvas),
-        "min_items": int(min_items),
-        "max_items": int(max_items),
+        **asdict(recipe),  # then JSON-plain values, in the same places
+        **{k: int(getattr(recipe, k)) for k in ("canvas", "min_items", "max_items")},
         "scale": list(scale),
         "max_rotation": float(max_rotation),
-        "background": background,
     }
     path, key = None, None
     if cache:
@@ -320,9 +315,7 @@ def generate_fmnist_scenes(
     if source is None:
         source = load_fashion_mnist(data_dir, split=split)
     pool, pool_labels = source.images[:, 0].numpy(), source.targets.numpy()
-    images, panoptic, labels, offsets = _generate(
-        pool, pool_labels, split, n, seed, canvas, min_items, max_items, scale, max_rotation, background
-    )
+    images, panoptic, labels, offsets = _generate(pool, pool_labels, split, n, seed, recipe)
     mean, std = _mean_std(images)
     scenes = FMNISTScenes(
         images=images,

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..datasets import subset_index
 from ..errors import DataError
 from ._cache import atomic_write
 
@@ -188,17 +189,7 @@ class SceneDataset:
 
     def subset(self, n_or_indices: int | Sequence[int] | torch.Tensor, seed: int = 0) -> "SceneDataset":
         """Return ``n`` scenes drawn at random (fixed by ``seed``, kept in dataset order), or the given indices."""
-        N = len(self)
-        if isinstance(n_or_indices, (int, np.integer)):
-            n = int(n_or_indices)
-            if not 0 <= n <= N:
-                raise ValueError(f"subset size {n} is out of range for scene set {self.name!r} of {N} scenes")
-            index = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:n].sort().values
-        else:
-            index = torch.as_tensor(np.asarray(n_or_indices, dtype=np.int64).reshape(-1))
-            if len(index) and (int(index.min()) < -N or int(index.max()) >= N):
-                raise IndexError(f"subset indices out of range for scene set {self.name!r} of {N} scenes")
-            index = index % max(N, 1)
+        index = subset_index(n_or_indices, len(self), seed, f"scene set {self.name!r}")
         counts = self.offsets.diff()[index]
         starts = self.offsets[:-1][index]
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
