@@ -347,13 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = p.add_subparsers(dest="data_command", required=True).add_parser(
         "make", help="generate a synthetic data set into --out with a preview PNG"
     )
-    p.add_argument("name", help="generator: fmnist_scenes")
+    p.add_argument("name", help="generator: fmnist_scenes or fmnist_scenes_3d")
     p.add_argument("--out", required=True, help="directory to write scenes.npz, preview.png and info.json")
     p.add_argument("--n", type=int, default=1000, help="number of scenes (default 1000)")
     p.add_argument("--split", default="train", choices=["train", "test"], help="items from this split")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes (default 0)")
-    p.add_argument("--canvas", type=int, default=64, help="scene side in pixels, 32-256 (default 64)")
-    p.add_argument("--max-items", type=int, default=6, help="most items per scene (default 6)")
+    p.add_argument("--canvas", type=int, help="scene side in pixels, 32-256 (default: the generator's, 64 or 96)")
+    p.add_argument("--max-items", type=int, help="most items per scene (default: the generator's, 6 or 4)")
     p.add_argument("--data-dir", help="where Fashion-MNIST lies (default: its standard places)")
     p.set_defaults(fn=cmd_data)
     p = sub.add_parser("distill", help="TinyViT fast distillation: store a teacher's top-k once per epoch")

@@ -173,3 +173,33 @@ def test_unknown_task_suggests_close_names(tmp_path):
         train(cfg)
     assert "Did you mean: segmentation" in str(err.value)
     assert not (tmp_path / "typo").exists()  # refused before a run directory is made
+
+
+def test_task_and_backbone_keywords_are_stored_and_reloaded(tmp_path):
+    # --task-args / --backbone-args change the architecture: the run must reload with them
+    cfg = _seg_cfg(tmp_path, "kw")
+    cfg.data.train_subset, cfg.optim.epochs = 16, 1
+    cfg.task.task_args = json.dumps({"width": 24})
+    cfg.task.backbone_args = json.dumps({"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8})
+    run = train(cfg)
+    meta = read_metadata(run / "checkpoints" / "final.safetensors")
+    assert meta["task_args"] == {"width": 24}
+    assert meta["backbone_args"]["patch_size"] == 8
+    model, _, _ = load_trained(run)
+    assert model.pyramid.out_channels == 24
+    assert model.pyramid.backbone.patch_embed.patch_size == (8, 8)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [("task_args", "{width: 24}", "--task-args must be a JSON object"), ("backbone_args", "[8]", "--backbone-args")],
+)
+def test_bad_task_keywords_are_named(tmp_path, field, value, match):
+    cfg = _seg_cfg(tmp_path, "bad")
+    setattr(cfg.task, field, value)
+    with pytest.raises(ValueError, match=match):
+        train(cfg)
+    cfg = _cls_cfg(tmp_path, "cls")
+    cfg.task.task_args = '{"width": 24}'
+    with pytest.raises(ValueError, match="go with --task"):
+        train(cfg)

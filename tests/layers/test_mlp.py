@@ -1,11 +1,12 @@
-"""ConvFfn against the official 1x1-conv formulation, its use inside MetaBlock, and its errors."""
+"""ConvFfn against the official 1x1-conv formulation, its use inside MetaBlock, and its errors (its fused CPU path:
+test_fast_paths.py)."""
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitlab.layers import ConvFfn, MetaBlock, cpu_fusion, mlp
+from vitlab.layers import ConvFfn, MetaBlock
 
 
 def _conv_reference(m: ConvFfn, x_map: torch.Tensor) -> torch.Tensor:
@@ -24,27 +25,6 @@ def test_conv_ffn_equals_conv_formulation(dw_residual):
     out = m(tokens, (5, 3))
     expected = _conv_reference(m, x_map).flatten(2).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.skipif(not cpu_fusion._fused_ops_work(), reason="this torch has no usable oneDNN fused ops")
-@pytest.mark.parametrize("dw_residual", [True, False])
-def test_conv_ffn_fused_inference_equals_the_modules(dw_residual, monkeypatch):
-    # CPU inference takes one oneDNN conv for [x +] dwconv(x) and the GELU; training and autograd never do
-    m = ConvFfn(8, 16, kernel_size=5, dw_residual=dw_residual).eval()
-    x = torch.randn(2, 7 * 4, 8)
-    expected = _conv_reference(m, x.transpose(1, 2).reshape(2, 8, 7, 4)).flatten(2).transpose(1, 2)
-    calls = []
-    fused_conv = mlp.fused_conv
-    monkeypatch.setattr(mlp, "fused_conv", lambda *a, **k: calls.append(k) or fused_conv(*a, **k))
-    with torch.no_grad():
-        torch.testing.assert_close(m(x, (7, 4)), expected, rtol=1e-5, atol=1e-6)
-    assert len(calls) == 1
-    assert calls[0]["gelu"]
-    assert (calls[0]["weight"] is not None) == dw_residual
-    m.train()(x, (7, 4))  # dropout 0, but training: the modules
-    with torch.no_grad():
-        ConvFfn(8, 16, act_layer=nn.ReLU).eval()(x, (7, 4))  # another activation: the modules
-    assert len(calls) == 1
 
 
 def test_conv_ffn_mixes_neighbours_only_within_kernel():

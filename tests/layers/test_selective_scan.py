@@ -1,5 +1,6 @@
 """Selective scan (S6): the chunked linear recurrence and the vectorised scan against step-by-step references,
-FLOP counting, the MS2D mixer's inference and autograd paths against its routes written out."""
+FLOP counting, the MS2D mixer (readable forward, autograd, and its chunked inference fast path) against its routes
+written out. The compiled scan: test_fast_scan.py."""
 
 import pytest
 import torch
@@ -10,10 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitlab.layers import (
     MIXERS,
     SelectiveScan2d,
+    fast_paths,
+    fast_paths_taken,
     selective_scan,
     selective_scan_macs,
     selective_scan_ref,
 )
+from vitlab.layers.fast import scan as fast_scan
 from vitlab.layers.linear_recurrence import chunked_recurrence, linear_recurrence
 from vitlab.layers.selective_scan import selective_scan_torch
 
@@ -189,15 +193,19 @@ def _naive_ms2d(m: SelectiveScan2d, x: torch.Tensor, grid) -> torch.Tensor:
 def test_ms2d_mixer_equals_naive_routes(grid, d_state, monkeypatch):
     # fp64 throughout: every path must compute the official function, not just come close in fp32
     m = SelectiveScan2d(8, d_state=d_state).double().eval()
-    m._steps, m._fused_min_numel = 2, 0  # several chunks per row and per route; the step-by-step path however small
+    m._steps = 2  # several chunks per row and per route
+    monkeypatch.setattr(fast_scan, "CHUNKED_MIN_NUMEL", 0)  # the chunked fast path however small the map
     x = torch.randn(2, grid[0] * grid[1], 8, dtype=torch.float64)
     with torch.no_grad():
         expected = _naive_ms2d(m, x, grid)
         torch.testing.assert_close(m.forward_routes(x, grid), expected, rtol=1e-10, atol=1e-10)
-        with monkeypatch.context() as patch:
-            if d_state == 1:  # without autograd: the step-by-step scans, never the vectorised one
-                patch.setattr(m, "_s6", _forbidden)
+        with fast_paths(False):
             torch.testing.assert_close(m(x, grid), expected, rtol=1e-10, atol=1e-10)
+        with fast_paths(True), fast_paths_taken() as taken, monkeypatch.context() as patch:
+            patch.setattr(m, "_s6", _forbidden)  # d_state 1: the step-by-step scans, never the vectorised one
+            if d_state == 1:
+                torch.testing.assert_close(m(x, grid), expected, rtol=1e-10, atol=1e-10)
+        assert taken == ({"msvmamba_scan_chunked": 1} if d_state == 1 else {})
     # autograd records: the vectorised path, whose scan has its own backward; values and gradients
     x.requires_grad_(True)
     params = [x, *m.parameters()]
@@ -212,22 +220,24 @@ def _forbidden(*args, **kwargs):
     raise AssertionError("the inference forward took the vectorised scan")
 
 
-def test_ms2d_inference_path_gates_with_the_configured_activation():
+def test_ms2d_chunked_path_gates_with_the_configured_activation(monkeypatch):
     # the step-by-step path projects z step by step and gates it; with GELU it must match the routes written out
     m = SelectiveScan2d(8, act_layer=nn.GELU).double().eval()
-    m._steps, m._fused_min_numel, m._s6 = 2, 0, _forbidden
+    m._steps, m._s6 = 2, _forbidden
+    monkeypatch.setattr(fast_scan, "CHUNKED_MIN_NUMEL", 0)
     x = torch.randn(2, 4 * 6, 8, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), fast_paths(True):
         torch.testing.assert_close(m(x, (4, 6)), m.forward_routes(x, (4, 6)), rtol=1e-10, atol=1e-10)
 
 
-def test_ms2d_inference_scan_on_a_larger_map_and_past_the_softplus_threshold():
+def test_ms2d_chunked_path_on_a_larger_map_and_past_the_softplus_threshold(monkeypatch):
     m = SelectiveScan2d(8).eval()
-    m._fused_min_numel = 0
+    monkeypatch.setattr(fast_scan, "CHUNKED_MIN_NUMEL", 0)
+    monkeypatch.setattr(fast_scan, "_built", False)  # float32 on CPU: the compiled scan would run first
     with torch.no_grad():
         m.dt_projs_bias[:, :3] = 30.0  # some dt pre-activations past softplus' threshold 20 (there dt = x)
     x = torch.randn(2, 12 * 10, 8)
-    with torch.no_grad():
+    with torch.no_grad(), fast_paths(True):
         expected = _naive_ms2d(m.double(), x.double(), (12, 10)).float()
         m.float()
         m._s6 = _forbidden  # the step-by-step scans only

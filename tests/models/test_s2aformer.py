@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import vitlab
-from vitlab.bench import count_flops, count_flops_meta, count_params_meta
-from vitlab.layers import StripAttention, cpu_fusion
-from vitlab.models import s2aformer
+from vitlab.bench import count_flops_meta, count_params_meta
+from vitlab.layers import StripAttention
 from vitlab.models.s2aformer import VARIANTS, HybridPerceptionBlock
 
 _TINY = VARIANTS["s2aformer_tiny"].test_kwargs
@@ -89,32 +88,3 @@ def test_bad_configuration_is_refused():
         vitlab.create_model("s2aformer_tiny", **{**_TINY, "depths": (1, 0, 1, 1)})
     with pytest.raises(ValueError, match="mlp_ratio"):
         HybridPerceptionBlock(8, lambda d: StripAttention(d), mlp_ratio=0)
-
-
-@pytest.mark.skipif(not cpu_fusion._fused_ops_work(), reason="this torch has no usable oneDNN fused ops")
-def test_fused_cpu_inference_path_equals_the_modules(monkeypatch):
-    torch.manual_seed(0)
-    model = vitlab.create_model("s2aformer_tiny", **{**_TINY, "num_classes": 5}).eval()
-    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # non-trivial BN folding
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        torch.nn.init.normal_(bn.weight)
-    fused, fusable = [], s2aformer.fused_inference_ok
-    monkeypatch.setattr(
-        s2aformer, "fused_inference_ok", lambda x, module: fused.append(fusable(x, module)) or fused[-1]
-    )
-    x = torch.randn(2, 3, 40, 36)  # odd grids: the K/V reduction pads
-    expected = model(x)  # autograd on: the plain modules
-    assert fused
-    assert not any(fused)
-    fused.clear()
-    with torch.no_grad():
-        out = model(x)
-        assert fused == [True] * 5  # the stem and the four blocks took the oneDNN path
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        fused.clear()
-        model.train()
-        model(x)  # training (drop paths, batch statistics) never fuses
-        assert not any(fused)
-    # the FLOP counter runs the plain path (it cannot count oneDNN ops), so real and meta counts agree
-    assert count_flops(model.eval(), (3, 32, 32)) == count_flops_meta("s2aformer_tiny", **_TINY, num_classes=5)

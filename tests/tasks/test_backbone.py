@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import vitlab
+from vitlab.models import get_variant
 from vitlab.tasks import BackbonePyramid
 
 TINY_VIT = {"embed_dim": 32, "depth": 4, "num_heads": 2}
@@ -41,3 +42,25 @@ def test_hierarchical_cnn_skips_the_stride_2_stem():
 def test_unknown_backbone_suggests_close_names():
     with pytest.raises(vitlab.UnknownModelError, match="resnet18"):
         BackbonePyramid("resnet81", in_chans=3, img_size=32)
+
+
+def test_pruned_backbones_train_every_parameter():
+    # one tiny model per family and model class: what prune_intermediate_layers keeps, the taps must reach
+    kinds: dict[tuple[str, str], str] = {}
+    for name in vitlab.list_models():
+        spec = get_variant(name)
+        with torch.device("meta"):
+            kind = type(vitlab.create_model(name, **spec.test_kwargs)).__name__
+        kinds.setdefault((spec.paper.title, kind), name)
+    untrained = {}
+    for name in kinds.values():
+        spec = get_variant(name)
+        kwargs = {k: v for k, v in spec.test_kwargs.items() if k not in ("img_size", "in_chans")}
+        size = spec.test_kwargs.get("img_size", spec.img_size)
+        pyramid = BackbonePyramid(name, in_chans=spec.in_chans, img_size=size, out_channels=8, backbone_kwargs=kwargs)
+        sum(m.mean() for m in pyramid(torch.randn(2, spec.in_chans, size, size))).backward()
+        missing = [n for n, p in pyramid.backbone.named_parameters() if p.grad is None]
+        if missing:
+            untrained[name] = missing[:3]
+    assert len(kinds) >= 20
+    assert not untrained, f"parameters the taps do not reach: {untrained}"

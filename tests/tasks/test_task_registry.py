@@ -15,6 +15,7 @@ from vitlab.models import VARIANTS, get_variant
 from vitlab.tasks import (
     TaskModel,
     UnknownTaskError,
+    create_backbone,
     create_task_model,
     feature_dicts,
     get_task,
@@ -37,6 +38,13 @@ def _batch(model: TaskModel) -> dict:
     return model.example_batch(batch_size=2, generator=torch.Generator().manual_seed(0))
 
 
+def _equal(a, b) -> bool:
+    # a batch value is a tensor or, for per-image targets, a list of tensors
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(torch.equal, a, b))
+    return torch.equal(a, b)
+
+
 def _tensors(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
@@ -57,13 +65,25 @@ def test_registry_lists_tasks_and_public_names():
 
 @pytest.mark.parametrize("name", list_tasks())
 def test_test_backbones_differ_in_topology(name):
-    # one isotropic and one hierarchical backbone, so both necks are exercised
-    reductions = []
-    for backbone in get_task(name).test_backbones:
+    # one isotropic and one hierarchical backbone, so both necks are exercised; a task that takes only one
+    # topology says why, refuses the other, and is tested on two families of its own
+    spec = get_task(name)
+    hierarchical = []
+    for backbone in spec.test_backbones:
         model = _build(name, backbone)
         assert model.backbone_name == backbone
-        reductions.append({d["reduction"] for d in feature_dicts(model.pyramid.backbone)})
-    assert sorted(len(r) > 1 for r in reductions) == [False, True]
+        tiny = get_variant(backbone).test_kwargs if backbone in VARIANTS else {}
+        tiny = {k: v for k, v in tiny.items() if k != "img_size"}  # the task's size, as in _build
+        net = create_backbone(backbone, in_chans=spec.in_chans, img_size=model.img_size, **tiny)
+        hierarchical.append(len({d["reduction"] for d in feature_dicts(net)}) > 1)
+    if spec.backbones != "any":
+        assert hierarchical == [spec.backbones == "hierarchical"] * 2
+        assert type(create_backbone(spec.test_backbones[0], in_chans=1, img_size=32)) is not type(net)
+        other = "vit_micro_patch4_28" if spec.backbones == "hierarchical" else "tiny_vit_1m_28"
+        with pytest.raises(ValueError, match="isotropic" if spec.backbones == "hierarchical" else "hierarchical"):
+            _build(name, other)
+    else:
+        assert sorted(hierarchical) == [False, True]
 
 
 @pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)
@@ -80,7 +100,7 @@ def test_attributes_and_example_batch_schema(name, backbone):
     assert image.dtype == torch.float32
     assert image.shape == (2, model.in_chans, model.img_size, model.img_size)
     again = _batch(model)
-    assert all(torch.equal(batch[k], again[k]) for k in batch)  # deterministic for a seeded generator
+    assert all(_equal(batch[k], again[k]) for k in batch)  # deterministic for a seeded generator
 
 
 @pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)
@@ -98,8 +118,15 @@ def test_forward_backward_loss_and_postprocess(name, backbone):
     with torch.no_grad():
         preds = model.postprocess(model.eval()(batch))  # forward also takes the batch dict
     for key in model.target_keys:
-        assert preds[key].shape == batch[key].shape, key
-        assert preds[key].dtype == batch[key].dtype, key
+        if isinstance(batch[key], list):  # per-image targets (detection boxes): any count, the target's row shape
+            assert isinstance(preds[key], list), key
+            assert len(preds[key]) == len(batch[key]), key
+            for p, t in zip(preds[key], batch[key], strict=True):
+                assert p.shape[1:] == t.shape[1:], key
+                assert p.dtype == t.dtype, key
+        else:
+            assert preds[key].shape == batch[key].shape, key
+            assert preds[key].dtype == batch[key].dtype, key
 
 
 @pytest.mark.parametrize(("name", "backbone"), CASES, ids=IDS)

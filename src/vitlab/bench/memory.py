@@ -22,7 +22,7 @@ __all__ = ["LiveTensorBytes", "peak_forward_bytes"]
 class LiveTensorBytes(TorchDispatchMode):
     """Within the mode, ``live`` is the bytes of storages created inside it that are still referenced."""
 
-    watches_only = True  # runs every op as it is: compiled CPU kernels (layers.scan_cpu) may run under it
+    watches_only = True  # runs every op as it is: fast paths (layers/fast/) may run under it
 
     def __init__(self) -> None:
         super().__init__()

@@ -91,6 +91,8 @@ class TaskConfig:
 
     task: str = opt("", "train a task model instead of a classifier, e.g. segmentation ('': classification)")
     backbone: str = opt("", "with --task: the backbone's model name (default: --model)")
+    task_args: str = opt("", """with --task: the task model's keywords as JSON, e.g. '{"cnn_branch": false}'""")
+    backbone_args: str = opt("", """with --task: the backbone's keywords as a JSON object, e.g. '{"patch_size": 8}'""")
 
 
 @dataclass

@@ -73,7 +73,10 @@ def build_trained(meta: dict[str, Any]) -> nn.Module:
     if meta.get("task"):
         from ..tasks import create_task_model
 
-        return create_task_model(meta["task"], backbone=meta["model"], **shape)
+        backbone_kwargs = meta.get("backbone_args") or None
+        return create_task_model(
+            meta["task"], backbone=meta["model"], backbone_kwargs=backbone_kwargs, **shape, **meta.get("task_args", {})
+        )
     return create_model(meta["model"], **shape)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -121,12 +123,27 @@ def backbone_name(cfg: RunConfig) -> str:
     return (cfg.task.task and cfg.task.backbone) or cfg.model.model
 
 
+def json_keywords(flag: str, text: str) -> dict[str, Any]:
+    """``--task-args`` / ``--backbone-args``: a JSON object of keywords ('' is none)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} must be a JSON object such as '{{\"key\": 1}}', got {text!r} ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object of keywords, got {text!r}")
+    return value
+
+
 def build_model(cfg: RunConfig, num_classes: int, in_chans: int) -> nn.Module:
     """The classifier, or with ``--task`` the task model on its backbone."""
     if cfg.task.task:
         from ..tasks import create_task_model
 
-        extra = {} if cfg.model.drop_path_rate is None else {"drop_path_rate": cfg.model.drop_path_rate}
+        extra = json_keywords("--backbone-args", cfg.task.backbone_args)
+        if cfg.model.drop_path_rate is not None:
+            extra["drop_path_rate"] = cfg.model.drop_path_rate
         return create_task_model(
             cfg.task.task,
             backbone=backbone_name(cfg),
@@ -134,6 +151,7 @@ def build_model(cfg: RunConfig, num_classes: int, in_chans: int) -> nn.Module:
             in_chans=in_chans,
             img_size=model_img_size(cfg),
             backbone_kwargs=extra or None,
+            **json_keywords("--task-args", cfg.task.task_args),
         )
     kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
     if cfg.model.img_size is not None:

@@ -1,4 +1,8 @@
-"""``vitlab predict`` for task models: run a trained task model on image files and write overlay PNGs."""
+"""``vitlab predict`` for task models: run a trained task model on image files and write overlay PNGs.
+
+Segmentation runs get their class colours blended over the image; detection runs (outputs with ``"boxes"``) get
+their boxes drawn, each in its class colour with its class index.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..data import load_image, match_channels, normalize, resize_batch
 from .inference import load_trained
 
-__all__ = ["overlay_semantic", "predict_dense"]
+__all__ = ["draw_detections", "overlay_semantic", "predict_dense"]
+
+
+def _rgb(image: torch.Tensor) -> np.ndarray:
+    """uint8 ``(C, H, W)`` -> float ``(H, W, 3)``: grey for other than 3 channels."""
+    if image.shape[0] != 3:
+        return np.stack([image.float().mean(0).numpy()] * 3, -1)
+    return image.permute(1, 2, 0).float().numpy()
 
 
 def _palette(num_classes: int) -> np.ndarray:
@@ -25,18 +36,45 @@ def _palette(num_classes: int) -> np.ndarray:
 
 def overlay_semantic(image: torch.Tensor, semantic: torch.Tensor, num_classes: int, alpha: float = 0.5) -> Image.Image:
     """``image`` uint8 (C, H, W) beside the same image with ``semantic`` (H, W) class colours blended over it."""
-    gray = image.float().mean(0) if image.shape[0] != 3 else None
-    rgb = np.stack([gray.numpy()] * 3, -1) if gray is not None else image.permute(1, 2, 0).float().numpy()
+    rgb = _rgb(image)
     colours = _palette(num_classes)[semantic.clamp(0, num_classes - 1).numpy()].astype(np.float32)
     labelled = (semantic > 0).numpy()[..., None]
     blended = np.where(labelled, (1 - alpha) * rgb + alpha * colours, rgb)
     return Image.fromarray(np.concatenate([rgb, blended], axis=1).clip(0, 255).astype(np.uint8))
 
 
+def draw_detections(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    num_classes: int,
+    threshold: float = 0.3,
+) -> Image.Image:
+    """``image`` uint8 (C, H, W) beside a copy with the boxes (pixel xyxy) scoring at least ``threshold`` drawn.
+
+    ``labels`` are thing classes (0-based); box ``k`` takes the segmentation colour of semantic class ``k + 1``.
+    """
+    rgb = Image.fromarray(_rgb(image).clip(0, 255).astype(np.uint8))
+    drawn = rgb.copy()
+    draw = ImageDraw.Draw(drawn)
+    colours = _palette(num_classes)
+    for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True):
+        if score >= threshold:
+            colour = tuple(int(c) for c in colours[(label + 1) % len(colours)])
+            # the xyxy ends are exclusive; PIL's rectangle includes both corners
+            draw.rectangle([x1, y1, max(x2 - 1, x1), max(y2 - 1, y1)], outline=colour)
+            draw.text((x1 + 1, y1), str(label), fill=colour)
+    picture = Image.new("RGB", (2 * rgb.width, rgb.height))
+    picture.paste(rgb, (0, 0))
+    picture.paste(drawn, (rgb.width, 0))
+    return picture
+
+
 @torch.inference_mode()
 def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | Path | None = None,
                   device: str = "cpu") -> list[Path]:  # fmt: skip
-    """Write ``<out>/<image stem>.png`` (input | prediction overlay) per image; returns the written paths."""
+    """Write ``<out>/<image stem>.png`` (input | prediction overlay or boxes) per image; returns the written paths."""
     model, meta, run = load_trained(checkpoint, device)
     out_dir = Path(out) if out is not None else (run / "predict" if run else Path("predict"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,8 +83,13 @@ def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | P
     for path in images:
         raw = load_image(path, in_chans=meta["in_chans"], img_size=meta["img_size"])
         x = normalize(match_channels(raw[None], meta["in_chans"]), meta["mean"], meta["std"])
-        pred = model.postprocess(model(resize_batch(x, meta["img_size"]).to(dev)))["semantic"][0].cpu()
+        pred = model.postprocess(model(resize_batch(x, meta["img_size"]).to(dev)))
+        if "boxes" in pred:  # a detector
+            found = [pred[key][0].cpu() for key in ("boxes", "labels", "scores")]
+            picture = draw_detections(raw, *found, num_classes=meta["num_classes"])
+        else:
+            picture = overlay_semantic(raw, pred["semantic"][0].cpu(), meta["num_classes"])
         target = out_dir / f"{Path(path).stem}.png"
-        overlay_semantic(raw, pred, meta["num_classes"]).save(target)
+        picture.save(target)
         written.append(target)
     return written

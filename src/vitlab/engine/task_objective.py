@@ -66,10 +66,15 @@ _CLASSIFICATION_ONLY = ("--teacher", "--distill-from", "--resolutions", "--nativ
 
 
 def _validate(cfg: Any) -> None:
+    if not cfg.task.task and (cfg.task.task_args or cfg.task.backbone_args):
+        raise ValueError("--task-args and --backbone-args go with --task")
     if cfg.task.task:
         from ..tasks import get_task
+        from .setup import json_keywords
 
         get_task(cfg.task.task)  # unknown names fail here, with suggestions
+        json_keywords("--task-args", cfg.task.task_args)
+        json_keywords("--backbone-args", cfg.task.backbone_args)
         if cfg.optim.mixup or cfg.optim.cutmix:
             raise ValueError("--task: --mixup/--cutmix mix classification labels; turn them off for task models")
 

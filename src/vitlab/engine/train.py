@@ -40,6 +40,7 @@ from .setup import (
     build_datasets,
     build_loader,
     build_model,
+    json_keywords,
     model_img_size,
     resolve_device,
     split_holdout,
@@ -140,6 +141,9 @@ def _metadata(cfg: RunConfig, setup: Setup) -> dict[str, Any]:
     }
     if cfg.task.task:
         meta["task"] = cfg.task.task
+        # the architecture's keywords, so the run reloads as built (drop path only matters in training)
+        meta["task_args"] = json_keywords("--task-args", cfg.task.task_args)
+        meta["backbone_args"] = json_keywords("--backbone-args", cfg.task.backbone_args)
     records = surgery_of(setup.model)
     if records:
         meta["surgery"] = records

@@ -16,15 +16,29 @@ __all__ += ["ConvDownsample", "Grid", "MetaBlock", "Stage", "map_to_tokens", "to
 from .compression import GDN, AnalysisTransform, compressai_encoder_state_dict
 
 __all__ += ["GDN", "AnalysisTransform", "compressai_encoder_state_dict"]
-from .cpu_fusion import fold_batchnorm, fused_conv, fused_inference_ok, fused_linear, plain_cpu_inference, plus_identity
+from .fast import FAST_PATHS, FastPath, fast_forward, fast_paths, fast_paths_enabled, fast_paths_taken, set_fast_paths
 
 __all__ += [
-    "fold_batchnorm",
-    "fused_conv",
-    "fused_inference_ok",
-    "fused_linear",
-    "plain_cpu_inference",
-    "plus_identity",
+    "FAST_PATHS",
+    "FastPath",
+    "fast_forward",
+    "fast_paths",
+    "fast_paths_enabled",
+    "fast_paths_taken",
+    "set_fast_paths",
+]
+from .deform_attn import (
+    MultiScaleDeformableAttention,
+    flatten_levels,
+    multi_scale_deformable_attention,
+    reference_points_for,
+)
+
+__all__ += [
+    "MultiScaleDeformableAttention",
+    "flatten_levels",
+    "multi_scale_deformable_attention",
+    "reference_points_for",
 ]
 from .embed import ConvEmbed
 
@@ -79,3 +93,6 @@ __all__ += ["is_fx_tracing"]
 from .window_attention import WindowAttention, shifted_window_mask, window_partition, window_reverse
 
 __all__ += ["WindowAttention", "shifted_window_mask", "window_partition", "window_reverse"]
+# the fast paths register themselves; entries for one class are tried in this order (mamba_ssm's CUDA scan,
+# then the compiled CPU scan, then the chunked one)
+from .fast import mamba, onednn, scan  # noqa: F401

@@ -173,6 +173,17 @@ class ClassAttentionBackbone(HierarchicalBackbone):
         super().reset_classifier(num_classes, global_pool)
         self.aux_head = self._make_head(num_classes) if self.use_aux_head and num_classes > 0 else None
 
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """``HierarchicalBackbone``'s; pruning the head also drops the class-attention block and its norm, which
+        only the head reads (the model then returns the unpooled map, ``global_pool=''``, as timm's pruned models)."""
+        take = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        if prune_head:
+            self.cls_block, self.head_norm = nn.Identity(), nn.Identity()
+            self.reset_classifier(0, "")
+        return take
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``(B, C, H, W)`` last-stage map -> logits (or the normed class token with ``pre_logits``).
 

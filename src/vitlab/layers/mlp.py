@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .block import Grid, map_to_tokens, tokens_to_map
-from .cpu_fusion import fused_conv, fused_inference_ok, plus_identity
+from .fast import fast_forward
 
 __all__ = ["ConvFfn"]
 
@@ -59,13 +59,9 @@ class ConvFfn(nn.Module):
     def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
         if grid is None:
             raise ValueError("ConvFfn needs grid=(H, W) of the tokens")
+        if (out := fast_forward(self, x, grid)) is not None:
+            return out
         x = self.drop1(self.fc1(x))
-        if fused_inference_ok(x, self) and type(self.act) is nn.GELU and self.act.approximate == "none":
-            # CPU inference: [x +] dwconv(x) and the GELU as one oneDNN conv (the GELU pass over the hidden map
-            # otherwise costs as much as the conv)
-            weight = plus_identity(self.dwconv) if self.dw_residual else None
-            y = fused_conv(tokens_to_map(x, grid), self.dwconv, gelu=True, weight=weight)
-            return self.drop2(self.fc2(map_to_tokens(y)[0]))
         y = self.dwconv(tokens_to_map(x, grid))  # (B, hidden, H, W)
         y = map_to_tokens(y)[0]
         x = self.act(x + y if self.dw_residual else y)

@@ -2,9 +2,9 @@
 
 "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (arXiv:2312.00752,
 github.com/state-spaces/mamba); MSVMamba's mixer (``multiscale_scan.py``) uses it. ``selective_scan`` takes
-mamba_ssm's ``selective_scan_fn`` arguments and runs its CUDA kernel when mamba_ssm is importable and the
-tensors are on CUDA, else ``selective_scan_torch`` (``linear_recurrence``: chunks of ~sqrt(L) steps scanned
-in parallel, then their carries), checked against the step-by-step ``selective_scan_ref``. torch's
+mamba_ssm's ``selective_scan_fn`` arguments and runs ``selective_scan_torch`` (``linear_recurrence``: chunks of
+~sqrt(L) steps scanned in parallel, then their carries), checked against the step-by-step ``selective_scan_ref``;
+mamba_ssm's CUDA kernel is its fast path (``layers/fast/mamba.py``). torch's
 ``FlopCounterMode`` does not see the recurrence, so every scan also emits the no-op
 ``vitlab::selective_scan_flops`` op whose registered formula adds VMamba's count (``selective_scan_macs``:
 ``9 BLDN`` MACs, plus ``BDL`` for ``D`` and for ``z``).
@@ -17,14 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .fast import fast_forward
 from .linear_recurrence import linear_recurrence
 
 __all__ = ["selective_scan", "selective_scan_macs", "selective_scan_ref", "selective_scan_torch"]
-
-try:  # NOTE: optional CUDA kernels; the pure-PyTorch scan computes the same function
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan_fn
-except ImportError:  # pragma: no cover - depends on the environment
-    _mamba_scan_fn = None
 
 
 def selective_scan_macs(
@@ -171,9 +167,9 @@ def selective_scan(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
 ) -> Tensor:
-    """S6 scan with mamba_ssm's ``selective_scan_fn`` arguments: its CUDA kernel if available, else PyTorch."""
+    """S6 scan with mamba_ssm's ``selective_scan_fn`` arguments (its CUDA kernel is a fast path)."""
     _check(u, delta, A, B, C, D, z, delta_bias)
     torch.ops.vitlab.selective_scan_flops(u.detach(), B.detach(), D is not None, z is not None)
-    if _mamba_scan_fn is not None and u.is_cuda:
-        return _mamba_scan_fn(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus)
+    if (out := fast_forward(selective_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus)) is not None:
+        return out
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -31,13 +31,9 @@ from ..layers import (
     MetaBlock,
     PolylinePathAttention,
     Stage,
-    fold_batchnorm,
-    fused_conv,
-    fused_inference_ok,
-    fused_linear,
+    fast_forward,
     is_fx_tracing,
     map_to_tokens,
-    plus_identity,
     tokens_to_map,
 )
 from ..layers.block import Grid
@@ -75,17 +71,9 @@ class _Stem(nn.Sequential):
         super().__init__(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:  # type: ignore[override]
-        if not fused_inference_ok(x, self):
-            return map_to_tokens(super().forward(x))
-        # CPU inference: each BatchNorm folded into its conv, GELU fused after it; channels-last, so the tokens
-        # are a free view of the output map
-        x, layers = x.contiguous(memory_format=torch.channels_last), list(self)
-        for i, conv in enumerate(layers):
-            if isinstance(conv, nn.Conv2d):
-                weight, bias = fold_batchnorm(conv, layers[i + 1])
-                gelu = i + 2 < len(layers) and isinstance(layers[i + 2], nn.GELU)
-                x = fused_conv(x, conv, gelu=gelu, weight=weight, bias=bias)
-        return map_to_tokens(x)
+        if (out := fast_forward(self, x)) is not None:
+            return out
+        return map_to_tokens(super().forward(x))
 
 
 class _LocalFfn(nn.Module):
@@ -99,10 +87,8 @@ class _LocalFfn(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        if fused_inference_ok(x, self) and type(self.act) is nn.GELU:  # bias + GELU, h + dwconv(h): one kernel each
-            h = fused_linear(x, self.fc1, gelu=True)
-            h = fused_conv(tokens_to_map(h, grid), self.dwconv, weight=plus_identity(self.dwconv))
-            return self.fc2(map_to_tokens(h)[0])
+        if (out := fast_forward(self, x, grid)) is not None:
+            return out
         h = self.act(self.fc1(x))
         return self.fc2(h + map_to_tokens(self.dwconv(tokens_to_map(h, grid)))[0])
 
@@ -115,10 +101,9 @@ class _CpeBlock(MetaBlock):
         self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
-        if fused_inference_ok(x, self):  # x + dwconv(x) as one depthwise conv
-            x = map_to_tokens(fused_conv(tokens_to_map(x, grid), self.cpe, weight=plus_identity(self.cpe)))[0]
-        else:
-            x = x + map_to_tokens(self.cpe(tokens_to_map(x, grid)))[0]
+        if (out := fast_forward(self, x, grid)) is not None:
+            return out
+        x = x + map_to_tokens(self.cpe(tokens_to_map(x, grid)))[0]
         return super().forward(x, grid)
 
 

@@ -14,9 +14,7 @@ conv + BatchNorm + GELU layers (the first with stride 2), then per stage a strid
 SSA reduces K/V spatially (depthwise strided conv) and compresses Q/K to a few channels; see
 ``layers/strip_attention.py``. There are no position embeddings, so a model runs at any input size.
 
-CPU inference (eval mode, no autograd, float32) takes a fused path with the same parameters and math: the
-stem's BatchNorm folded into its convs, ``DWConv(x) + x`` as one depthwise conv, and biases, GELUs and
-residual adds fused into oneDNN matmuls/convs (``layers/cpu_fusion.py``; a test checks it against the modules).
+The stem and the HPB have fused oneDNN fast paths for CPU inference (``layers/fast/onednn.py``).
 
 Reconstructed, not from the paper (whose architecture table could not be read here: only the abstract and
 third-party summaries of Sec. III were reachable, and there is no official code):
@@ -45,12 +43,8 @@ from ..layers import (
     HierarchicalBackbone,
     Stage,
     StripAttention,
-    fold_batchnorm,
-    fused_conv,
-    fused_inference_ok,
-    fused_linear,
+    fast_forward,
     map_to_tokens,
-    plus_identity,
     tokens_to_map,
 )
 from ._variants import Paper, VariantSpec, build_with_features, register_variants
@@ -77,14 +71,10 @@ class _ConvStem(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:  # type: ignore[override]
+        if (out := fast_forward(self, x)) is not None:
+            return out
         # channels-last: the (B, N, C) tokens are then a free view of the stem's output map (no NCHW copies)
-        x = x.contiguous(memory_format=torch.channels_last)
-        if not fused_inference_ok(x, self):
-            return map_to_tokens(super().forward(x))
-        for layer in self:  # BatchNorm (running statistics) folded into the conv, GELU fused after it
-            weight, bias = fold_batchnorm(layer.conv, layer.bn)
-            x = fused_conv(x, layer.conv, gelu=True, weight=weight, bias=bias)
-        return map_to_tokens(x)
+        return map_to_tokens(super().forward(x.contiguous(memory_format=torch.channels_last)))
 
 
 class HybridPerceptionBlock(nn.Module):
@@ -119,21 +109,12 @@ class HybridPerceptionBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        if fused_inference_ok(x, self) and isinstance(self.attn, StripAttention):
-            return self._forward_fused(x, grid)
+        if (out := fast_forward(self, x, grid)) is not None:
+            return out
         x = x + map_to_tokens(self.local(tokens_to_map(x, grid)))[0]
         x = x + self.drop_path1(self.attn(self.norm1(x), grid))
         x = x + self.drop_path2(self.lim(self.norm2(x), grid))
         return x + self.drop_path3(self.mlp(self.norm3(x)))
-
-    def _forward_fused(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """``forward`` in eval mode (drop paths and dropouts are identities) with bias, GELU and residual adds
-        fused into the matmuls and convs. The LIM and MLP use GELU (``ConvFfn``'s and ``Mlp``'s default)."""
-        x = map_to_tokens(fused_conv(tokens_to_map(x, grid), self.local, weight=plus_identity(self.local)))[0]
-        x = fused_linear(self.attn.attend_heads(self.norm1(x), grid), self.attn.proj, residual=x)
-        h = tokens_to_map(fused_linear(self.norm2(x), self.lim.fc1), grid)
-        x = fused_linear(map_to_tokens(fused_conv(h, self.lim.dwconv, gelu=True))[0], self.lim.fc2, residual=x)
-        return fused_linear(fused_linear(self.norm3(x), self.mlp.fc1, gelu=True), self.mlp.fc2, residual=x)
 
 
 def _per_stage(name: str, value: Any, n: int) -> list[Any]:

@@ -5,7 +5,7 @@
 this package registers every task model.
 """
 
-from . import segmentation
+from . import detection, segmentation
 from ._backbone import BackbonePyramid, create_backbone, feature_dicts
 from ._registry import TASKS, UnknownTaskError, create_task_model, get_task, list_tasks, register_task
 from .base import TaskModel, TaskSpec
@@ -18,6 +18,7 @@ __all__ = [
     "UnknownTaskError",
     "create_backbone",
     "create_task_model",
+    "detection",
     "feature_dicts",
     "get_task",
     "list_tasks",

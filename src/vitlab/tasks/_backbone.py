@@ -18,10 +18,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import did_you_mean
+from ..layers.backbone import IsotropicBackbone
+from ..layers.block import Grid
 from ..layers.necks import FeaturePyramidNeck, SimpleFeaturePyramid
 from ..models import VARIANTS, UnknownModelError, create_model
 
-__all__ = ["BackbonePyramid", "create_backbone", "feature_dicts"]
+__all__ = ["BackbonePyramid", "PlainViTTrunk", "create_backbone", "feature_dicts"]
 
 # the strides dense heads work at; finer stages (a CNN's stride-2 stem) cost much and add little
 _PYRAMID_STRIDES = (4, 8, 16, 32)
@@ -121,3 +123,55 @@ class BackbonePyramid(nn.Module):
         """``(B, C, H, W)`` -> ``[(B, out_channels, ~H/s, ~W/s) for s in out_strides]``."""
         maps = self.backbone.forward_intermediates(image, indices=self.indices, intermediates_only=True)
         return self.neck(maps)
+
+
+class PlainViTTrunk(nn.Module):
+    """An isotropic backbone by name, opened between its blocks: ``embed`` then ``run_blocks`` over any range.
+
+    Works for vitlab's ``IsotropicBackbone`` families and timm's ``VisionTransformer`` (and its subclasses);
+    the final norm and the classifier are dropped. Tokens keep the backbone's prefix tokens first
+    (``num_prefix_tokens``); ``grid`` is the patch grid ``(H/p, W/p)``.
+
+    Raises:
+        ValueError: the backbone is hierarchical, reduces tokens, or is not one of those two families.
+    """
+
+    def __init__(
+        self, backbone: str, *, in_chans: int, img_size: int, backbone_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        model = create_backbone(backbone, in_chans=in_chans, img_size=img_size, **(backbone_kwargs or {}))
+        reductions = {d["reduction"] for d in feature_dicts(model)}
+        if len(reductions) != 1:
+            raise ValueError(
+                f"backbone {backbone!r} is hierarchical (reductions {sorted(reductions)}); this task model needs a "
+                "plain (isotropic) ViT whose blocks share one token grid"
+            )
+        self._timm = not isinstance(model, IsotropicBackbone)
+        if self._timm and not all(hasattr(model, a) for a in ("patch_embed", "_pos_embed", "norm_pre", "blocks")):
+            raise ValueError(
+                f"backbone {backbone!r} ({type(model).__name__}) is neither a vitlab isotropic model nor a timm "
+                "VisionTransformer; this task model runs between its blocks and knows only those two"
+            )
+        if getattr(model.blocks, "threads_state", False):
+            raise ValueError(f"backbone {backbone!r} reduces tokens; this task model needs every patch token")
+        model.prune_intermediate_layers(len(model.blocks), prune_norm=True, prune_head=True)
+        self.backbone = model
+        self.patch_size = int(reductions.pop())
+        self.embed_dim = int(feature_dicts(model)[-1]["num_chs"])
+        self.depth = len(model.blocks)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+
+    def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """``(B, C, H, W)`` -> tokens ``(B, P + H/p * W/p, D)`` with position embedding, and the grid."""
+        m = self.backbone
+        if not self._timm:
+            return m._embed(image)
+        grid = (image.shape[-2] // self.patch_size, image.shape[-1] // self.patch_size)
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(image)))), grid
+
+    def run_blocks(self, x: torch.Tensor, grid: Grid, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start .. stop - 1`` on tokens ``x``."""
+        for block in self.backbone.blocks[start:stop]:
+            x = block(x) if self._timm else self.backbone._run_block(block, x, grid)
+        return x

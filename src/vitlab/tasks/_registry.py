@@ -29,6 +29,10 @@ def register_task(spec: TaskSpec) -> TaskSpec:
         raise ValueError(f"task model {spec.name!r} is registered twice")
     if not spec.exportable and not spec.export_reason:
         raise ValueError(f"task model {spec.name!r} declares exportable=False without an export_reason")
+    if spec.backbones not in ("any", "isotropic", "hierarchical"):
+        raise ValueError(f"task model {spec.name!r}: backbones must be 'any', 'isotropic' or 'hierarchical'")
+    if spec.backbones != "any" and not spec.backbones_reason:
+        raise ValueError(f"task model {spec.name!r} takes only {spec.backbones} backbones; give a backbones_reason")
     builder = spec.builder
     if isinstance(builder, type) and issubclass(builder, TaskModel):
         declared = (builder.primary_metric, builder.higher_is_better)

@@ -44,6 +44,8 @@ class TaskSpec:
         num_classes, in_chans, img_size: defaults for that dataset (``num_classes`` counts the background).
         test_backbones: two backbones of different topology the contract test builds it on.
         test_kwargs: keywords that make the contract test's model tiny (e.g. ``img_size``).
+        backbones: which backbone topologies it takes: "any", "isotropic" or "hierarchical" (then
+            ``backbones_reason`` says why, and the two ``test_backbones`` are of that topology, different families).
     """
 
     name: str
@@ -66,6 +68,8 @@ class TaskSpec:
     default_backbone: str = "vit_micro_patch4_28"
     test_backbones: tuple[str, ...] = ("vit_micro_patch4_28", "tiny_vit_1m_28")
     test_kwargs: dict[str, Any] = field(default_factory=dict)
+    backbones: str = "any"
+    backbones_reason: str = ""
     description: str = ""
 
 

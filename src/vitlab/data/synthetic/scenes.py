@@ -62,6 +62,10 @@ class SceneDataset:
 
     FIXED_KEYS: ClassVar[tuple[str, ...]] = ("image", "semantic", "panoptic")
     LIST_KEYS: ClassVar[tuple[str, ...]] = ("boxes", "labels", "masks")
+    # a subclass's own tensor fields, indexed by scene (first dim N) or by instance (first dim T): subset, save and
+    # load carry them, so a subclass adds targets without restating those methods
+    SCENE_ARRAYS: ClassVar[tuple[str, ...]] = ()
+    INSTANCE_ARRAYS: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         def bad(what: str, t: Any) -> str:
@@ -152,16 +156,21 @@ class SceneDataset:
     def augment(self, batch: dict[str, Any], generator: torch.Generator, p: float = 0.5) -> dict[str, Any]:
         """Flip each scene of a collated batch horizontally with probability ``p``, targets with the image.
 
-        The decisions come from ``generator`` only; the flips are torchvision ``transforms.v2`` functional ops on
-        ``tv_tensors`` (Image, Mask, BoundingBoxes), so boxes move as boxes. Returns a new dict of plain tensors;
-        keys it does not know pass through unchanged.
+        The decisions come from ``generator`` only; :meth:`hflip` applies them.
+        """
+        return self.hflip(batch, torch.rand(len(batch["image"]), generator=generator) < p)
+
+    def hflip(self, batch: dict[str, Any], flip: torch.Tensor) -> dict[str, Any]:
+        """Flip the scenes of a collated batch where ``flip`` (B,) bool is true, targets with the image.
+
+        The flips are torchvision ``transforms.v2`` functional ops on ``tv_tensors`` (Image, Mask, BoundingBoxes),
+        so boxes move as boxes. Returns a new dict of plain tensors; keys it does not know pass through unchanged.
         """
         # imported here: transforms.v2 is heavy and only augmentation needs it
         from torchvision import tv_tensors
         from torchvision.transforms.v2 import functional as TF
 
         image = batch["image"]
-        flip = torch.rand(len(image), generator=generator) < p
         out = dict(batch)
         if not bool(flip.any()):
             return out
@@ -204,6 +213,8 @@ class SceneDataset:
             offsets=offsets,
             params=dict(self.params),
             path=None,
+            **{k: getattr(self, k)[index] for k in self.SCENE_ARRAYS},
+            **{k: getattr(self, k)[rows] for k in self.INSTANCE_ARRAYS},
         )
 
     def save(self, path: str | Path, key: dict[str, Any] | None = None) -> Path:
@@ -223,6 +234,7 @@ class SceneDataset:
             "labels": self.labels.numpy().astype(np.int16),
             "offsets": self.offsets.numpy(),
             "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            **{k: getattr(self, k).numpy() for k in (*self.SCENE_ARRAYS, *self.INSTANCE_ARRAYS)},
         }
         self.path = atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
         return self.path
@@ -231,16 +243,20 @@ class SceneDataset:
     def load(cls, path: str | Path, key: dict[str, Any] | None = None) -> "SceneDataset":
         """Read a set written by :meth:`save`; with ``key``, the stored key must match it.
 
+        A subclass also reads its own arrays; a file with more arrays than ``cls`` knows (a 3-D set read as a
+        plain :class:`SceneDataset`) loads without them.
+
         Raises:
             DataError: the file is missing, unreadable, of another format, or (with ``key``) of other parameters.
         """
         path = Path(path)
+        names = (*_ARRAYS, *cls.SCENE_ARRAYS, *cls.INSTANCE_ARRAYS)
         try:
             with np.load(path, allow_pickle=False) as npz:
-                missing = [k for k in _ARRAYS if k not in npz.files]
+                missing = [k for k in names if k not in npz.files]
                 if missing:
-                    raise DataError(f"scene file {path} lacks arrays {missing}; expected {list(_ARRAYS)}")
-                arrays = {k: npz[k] for k in _ARRAYS}
+                    raise DataError(f"scene file {path} lacks arrays {missing}; expected {list(names)}")
+                arrays = {k: npz[k] for k in names}
             meta = json.loads(arrays["meta"].tobytes().decode())
         # a truncated or foreign file fails in zipfile, in numpy's header parser or in the JSON decoder
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -262,4 +278,5 @@ class SceneDataset:
             name=meta.get("name", ""),
             params=meta.get("params") or {},
             path=path,
+            **{k: torch.from_numpy(arrays[k]) for k in (*cls.SCENE_ARRAYS, *cls.INSTANCE_ARRAYS)},
         )

@@ -1,4 +1,5 @@
-"""layers/cpu_fusion.py: the fused oneDNN ops against the plain modules, and when the fused path is taken."""
+"""layers/fast/onednn.py: the fused oneDNN ops against the plain ops, and when they may run. The fast paths built
+on them are compared with the readable forwards in test_fast_paths.py."""
 
 import pytest
 import torch
@@ -7,9 +8,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab.bench.memory import peak_forward_bytes
-from vitlab.layers import cpu_fusion, fused_conv, fused_inference_ok, fused_linear
+from vitlab.layers.fast import onednn
+from vitlab.layers.fast.onednn import fused_conv, fused_inference_ok, fused_linear
 
-pytestmark = pytest.mark.skipif(not cpu_fusion._fused_ops_work(), reason="this torch has no usable oneDNN fused ops")
+pytestmark = pytest.mark.skipif(not onednn._fused_ops_work(), reason="this torch has no usable oneDNN fused ops")
 
 
 def test_fused_linear_and_conv_equal_the_plain_ops():
@@ -44,18 +46,18 @@ def test_fused_path_only_for_cpu_float32_inference_without_autograd():
 
 
 def test_probe_leaves_the_global_rng_alone():
-    cpu_fusion._fused_ops_work.cache_clear()
+    onednn._fused_ops_work.cache_clear()
     state = torch.get_rng_state()
-    assert cpu_fusion._fused_ops_work()
+    assert onednn._fused_ops_work()
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_plus_identity_folds_the_residual_into_a_depthwise_conv():
     conv = nn.Conv2d(6, 6, (5, 3), padding=(2, 1), groups=6)
     x = torch.randn(2, 6, 7, 4)
-    folded = F.conv2d(x, cpu_fusion.plus_identity(conv), conv.bias, padding=(2, 1), groups=6)
+    folded = F.conv2d(x, onednn.plus_identity(conv), conv.bias, padding=(2, 1), groups=6)
     torch.testing.assert_close(folded, conv(x) + x, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(cpu_fusion.plus_identity(conv), conv.weight)  # a copy: the module keeps its weight
+    assert not torch.equal(onednn.plus_identity(conv), conv.weight)  # a copy: the module keeps its weight
 
 
 @pytest.mark.parametrize("conv_bias", [True, False])
@@ -67,5 +69,5 @@ def test_fold_batchnorm_equals_conv_then_batchnorm(conv_bias):
         bn.weight.normal_()
         bn.bias.normal_()
     x = torch.randn(2, 3, 5, 4)
-    weight, bias = cpu_fusion.fold_batchnorm(conv, bn)
+    weight, bias = onednn.fold_batchnorm(conv, bn)
     torch.testing.assert_close(F.conv2d(x, weight, bias, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)

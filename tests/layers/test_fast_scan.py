@@ -1,20 +1,21 @@
-"""The compiled CPU scan (``layers.scan_cpu``): values against a step-by-step reference, when it is taken, how it
-fails. The pure-PyTorch scans it replaces are tested in test_selective_scan.py."""
+"""MSVMamba's scan fast paths (``layers/fast/scan.py``): the compiled op ``vitlab::scan_d1`` against a step-by-step
+reference, when it runs, how it fails, what tracers and the FLOP counter see; the chunked eager path against the
+routes written out. Both are compared with the readable forward, like every fast path, in test_fast_paths.py."""
 
 import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import vitlab.layers.multiscale_scan as ms
 from vitlab.bench.memory import peak_forward_bytes
-from vitlab.layers import scan_cpu
-from vitlab.layers.multiscale_scan import SelectiveScan2d
-from vitlab.layers.scan_cpu import kernel_available, scan_d1, use_kernel
+from vitlab.layers import SelectiveScan2d, fast_paths, fast_paths_taken, selective_scan_macs
+from vitlab.layers.fast import scan as fast_scan
+from vitlab.layers.fast.scan import kernel_available, scan_d1
 
-needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C compiler: the PyTorch scan runs instead")
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="the compiled scan did not build here")
 
 
 @pytest.fixture
@@ -93,14 +94,14 @@ def test_loading_leaves_the_floating_point_mode_alone():
 @needs_kernel
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-op fallbacks, not ours
 def test_autocast_and_vmap_take_the_pytorch_scan():
-    m = SelectiveScan2d(16).eval()
+    m = SelectiveScan2d(16).eval()  # (3 x 3 maps: too small for the chunked path)
     x = torch.randn(3, 2, 9, 16)
     with torch.no_grad():
         expected = torch.stack([m(t, (3, 3)) for t in x])
         torch.testing.assert_close(torch.func.vmap(lambda t: m(t, (3, 3)))(x), expected, rtol=1e-5, atol=1e-6)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not use_kernel(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16), fast_paths_taken() as taken:
             out = m(x[0], (3, 3))
+        assert not taken
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected[0], rtol=0.1, atol=0.1)
 
@@ -120,6 +121,7 @@ def test_autocast_and_vmap_take_the_pytorch_scan():
         (lambda a: {**a, "norm": (a["norm"][0][:3], a["norm"][1], 1e-5)}, r"norm weight and bias must be \(70,\)"),
         (lambda a: {**a, "in_rows": a["in_rows"].float()}, "integer CPU tensors"),
         (lambda a: {**a, "out": a["u"][:4]}, "must not share memory"),
+        (lambda a: {**a, "out": a["out"].transpose(1, 2).contiguous().transpose(1, 2)}, "contiguous CPU float32"),
     ],
 )
 def test_bad_inputs_are_named(change, match):
@@ -141,83 +143,102 @@ def _naive(m, x, grid):
 @pytest.mark.parametrize(
     ("batch", "grid", "dim"), [(3, (6, 5), 40), (1, (4, 7), 40), (2, (1, 1), 40), (2, (9, 2), 40), (1, (5, 4), 96)]
 )
-def test_mixer_takes_the_kernel_and_equals_the_reference(batch, grid, dim, monkeypatch, two_threads):
+def test_mixer_takes_the_op_and_equals_the_reference(batch, grid, dim, two_threads):
     m = SelectiveScan2d(dim).eval()
     with torch.no_grad():
         m.dt_projs_bias[:, :3] = 30.0  # past softplus' threshold
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    calls = []
-    monkeypatch.setattr(ms, "scan_d1", lambda *a: calls.append(len(a)) or scan_d1(*a))
-    monkeypatch.setattr(m, "_s6_steps", _forbidden)
-    monkeypatch.setattr(m, "_s6_routes", _forbidden)
     x = torch.randn(batch, grid[0] * grid[1], dim)
-    with torch.no_grad():
+    with torch.no_grad(), fast_paths(True), fast_paths_taken() as taken:
         got = m(x, grid)
-    assert len(calls) == 2  # the full-scale scan and the half-scale routes
+    assert taken == {"msvmamba_scan_compiled": 1}
     torch.testing.assert_close(got.double(), _naive(m, x, grid), rtol=1e-4, atol=1e-5)
 
 
-def _forbidden(*args, **kwargs):
-    raise AssertionError("the PyTorch inference scan ran where the kernel should")
+@needs_kernel
+def test_op_only_without_autograd_on_cpu_float32():
+    m, x = SelectiveScan2d(16).eval(), torch.randn(2, 9, 16)
+
+    def taken_by(run) -> bool:
+        with fast_paths(True), fast_paths_taken() as taken:
+            run()
+        return taken["msvmamba_scan_compiled"] == 1
+
+    assert not taken_by(lambda: m(x, (3, 3)))  # autograd records: the readable forward has the backward
+    with torch.no_grad():
+        assert taken_by(lambda: m(x, (3, 3)))
+        assert not taken_by(lambda: m.double()(x.double(), (3, 3)))
+        m.float()
+        watched = []
+        peak_forward_bytes(lambda: watched.append(taken_by(lambda: m(x, (3, 3)))))  # the memory meter watches
+        assert watched == [True]
+    for p in m.parameters():  # nothing records: the op may run with autograd on
+        p.requires_grad_(False)
+    assert taken_by(lambda: m(x, (3, 3)))
+    with pytest.raises(RuntimeError, match="inference only"):
+        scan_d1(*_inputs()[:6], torch.arange(2), torch.arange(2), torch.zeros(2, 3, 70, requires_grad=True))
 
 
 @needs_kernel
-def test_kernel_only_for_float32_inference_and_watching_modes():
-    x = torch.randn(2, 3)
-    assert not use_kernel(x)  # autograd on: the PyTorch scans have the backward
+def test_flop_counter_counts_the_op_as_the_readable_forward():
+    m, x = SelectiveScan2d(32).eval(), torch.randn(2, 7 * 5, 32)
     with torch.no_grad():
-        assert use_kernel(x)
-        assert not use_kernel(x.double())
-        with FlopCounterMode(display=False):  # the counter sees the PyTorch scan's ops
-            assert not use_kernel(x)
-        watched = []
-        peak_forward_bytes(lambda: watched.append(use_kernel(x)))  # the memory meter only watches
-        assert watched == [True]
+        with FlopCounterMode(display=False) as fast, fast_paths(True), fast_paths_taken() as taken:
+            m(x, (7, 5))
+        with FlopCounterMode(display=False) as readable, fast_paths(False):
+            m(x, (7, 5))
+    assert taken == {"msvmamba_scan_compiled": 1}
+    assert fast.get_total_flops() == readable.get_total_flops()
+    # the op's own formula: the scan (VMamba's count, with D) and the dt product, over 35 + 3 x 4 x 3 steps
+    rank, d = m.dt_rank, m.d_inner
+    expected = sum(2 * (selective_scan_macs(2, n, d, 1) + n * 2 * rank * d) for n in (35, 36))
+    assert fast.get_flop_counts()["Global"][torch.ops.vitlab.scan_d1] == expected
 
 
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("VITLAB_NO_CPU_KERNELS", "1")
-    scan_cpu._library.cache_clear()
-    try:
-        assert not kernel_available()
-        assert not use_kernel(torch.randn(2))
-        with pytest.raises(RuntimeError, match="not available"):
-            scan_d1(*_inputs()[:6], torch.arange(2), torch.arange(2), torch.zeros(2, 3, 70))
-    finally:
-        monkeypatch.delenv("VITLAB_NO_CPU_KERNELS")
-        scan_cpu._library.cache_clear()
+class _Mixer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixer = SelectiveScan2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixer(x, (6, 5))
+
+
+@needs_kernel
+@pytest.mark.export
+def test_export_and_compile_see_the_op():
+    model, x = _Mixer().eval(), torch.randn(2, 30, 16)
+    with torch.no_grad(), fast_paths(True):
+        program = torch.export.export(model, (x,))
+        graphs = []
+        compiled = torch.compile(model, backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True)
+        out = compiled(x)
+        with fast_paths(False):
+            expected = model(x)
+        torch.testing.assert_close(program.module()(x), expected, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    op = torch.ops.vitlab.scan_d1.default
+    exported = [n for n in program.graph.nodes if n.target is op or op in n.args]  # or auto_functionalized(op)
+    assert len(exported) == 2  # the half-scale routes and the full scale
+    assert sum(str(n.target) == "vitlab.scan_d1" for g in graphs for n in g.graph.nodes) == 2
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
-    if scan_cpu._compiler() is None:
-        pytest.skip("no C compiler")
-    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(scan_cpu, "_FLAGS", [*scan_cpu._FLAGS, "-fno-such-flag"])
-    scan_cpu._library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="did not build"):
-            assert not kernel_available()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert not kernel_available()  # cached: no second warning
-        m = SelectiveScan2d(16).eval()
-        x = torch.randn(2, 6 * 6, 16)
-        with torch.no_grad():  # the mixer still runs, on the PyTorch scan
-            torch.testing.assert_close(m(x, (6, 6)).double(), _naive(m, x, (6, 6)), rtol=1e-4, atol=1e-5)
-        assert list(tmp_path.glob("kernels/*")) == []  # no torn library left behind
-    finally:
-        monkeypatch.undo()
-        scan_cpu._library.cache_clear()
-
-
-@needs_kernel
-def test_built_once_into_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path))
-    first = scan_cpu._build(scan_cpu._compiler())
-    stamp = first.stat().st_mtime_ns
-    assert first.parent == tmp_path / "kernels"
-    assert first.suffix == ".so"
-    assert scan_cpu._build(scan_cpu._compiler()) == first
-    assert first.stat().st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(fast_scan, "_NAME", "vitlab_scan_d1_failing")  # its own entry in torch's build versions
+    monkeypatch.setattr(fast_scan, "_CFLAGS", [*fast_scan._CFLAGS, "-fno-such-flag"])
+    monkeypatch.setattr(fast_scan, "_built", None)
+    with pytest.warns(UserWarning, match="did not build"):
+        assert not kernel_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not kernel_available()  # remembered: no second warning
+    m = SelectiveScan2d(16).eval()
+    x = torch.randn(2, 6 * 6, 16)
+    with torch.no_grad(), fast_paths_taken() as taken:  # the mixer still runs, on the PyTorch scan
+        torch.testing.assert_close(m(x, (6, 6)).double(), _naive(m, x, (6, 6)), rtol=1e-4, atol=1e-5)
+    assert "msvmamba_scan_compiled" not in taken
+    assert not list(tmp_path.rglob("*.so"))  # no library left behind
+    with pytest.raises(RuntimeError, match="not available"):
+        scan_d1(*_inputs()[:6], torch.arange(2), torch.arange(2), torch.zeros(2, 3, 70))
