@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--note", default="", help="a line for the table's header (e.g. what else ran meanwhile)")
+    parser.add_argument("--times", action=argparse.BooleanOptionalAction, default=True, help="training-time columns")
     args = parser.parse_args()
     recipe = ["--dataset", "fmnist_scenes", "--img-size", str(args.img_size), "--epochs", str(args.epochs)]
     recipe += ["--train-subset", str(args.train_scenes), "--test-subset", str(args.test_scenes)]
@@ -150,21 +151,26 @@ def write_tables(rows: list[dict], args: argparse.Namespace) -> None:
         "Recall by size: mean share of an instance's visible pixels predicted as its class, instances binned by "
         "visible area (small < 150 px, medium 150-400 px, large >= 400 px).",
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; torch {machine.get('torch', '?')}. "
-        f"Date: {time.strftime('%Y-%m-%d')}. Produced by `python benchmarks/vit_comer.py`.",
+        f"Date: {time.strftime('%Y-%m-%d')}. Produced by `python benchmarks/vit_comer.py"
+        + ("`." if args.times else " --no-times`."),
         *([args.note] if args.note else []),
         "",
-        "| model | params (M) | test mIoU (%) | per seed | vs plain | recall small | medium | large | training (s) "
-        "| time vs plain |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| model | params (M) | test mIoU (%) | per seed | vs plain | recall small | medium | large |"
+        + (" training (s) | time vs plain |" if args.times else ""),
+        "|---|---:|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if args.times else ""),
     ]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['row']} | {r['params_m']:.2f} | {r['test_miou']:.2f} ± {r['miou_spread']:.2f} "
             f"| {r['miou_per_seed']} | {r['test_miou'] - base['test_miou']:+.2f} | {r['recall_small']:.1f} "
-            f"| {r['recall_medium']:.1f} | {r['recall_large']:.1f} | {r['train_seconds']:.0f} "
-            f"| {r['train_seconds'] / base['train_seconds']:.2f}x |"
+            f"| {r['recall_medium']:.1f} | {r['recall_large']:.1f} |"
         )
-    lines += ["", "Training time excludes the per-epoch evaluations. Command of the last row:", ""]
+        if args.times:
+            line += f" {r['train_seconds']:.0f} | {r['train_seconds'] / base['train_seconds']:.2f}x |"
+        lines.append(line)
+    if args.times:
+        lines += ["", "Training time excludes the per-epoch evaluations."]
+    lines += ["", "Command of the last row:", ""]
     lines += [f"    {rows[-1]['command']}"]
     if len(rows) < len(ROWS):
         lines += ["", f"Partial: {len(rows)} of {len(ROWS)} rows measured so far."]

@@ -40,6 +40,9 @@ __all__ += [
     "multi_scale_deformable_attention",
     "reference_points_for",
 ]
+from .dpt import DPTHead, resample_conv, scale_shift_invariant_loss
+
+__all__ += ["DPTHead", "resample_conv", "scale_shift_invariant_loss"]
 from .embed import ConvEmbed
 
 __all__ += ["ConvEmbed"]

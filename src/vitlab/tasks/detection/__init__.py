@@ -1,6 +1,7 @@
 """Detection task models (importing this package registers them) and the DETR-style parts they share.
 
-Parts: matcher, set criterion, metrics, and the deformable decoder (``decoder.py``). Task models: ``"vidt"``.
+Parts: matcher, set criterion, metrics, and the deformable decoder (``decoder.py``). Task models: ``"vidt"`` and
+``"monodino_detr"`` (with its parts: ``mono3d.py``, ``metrics3d.py``, ``hybrid_encoder.py``).
 
 ``HungarianMatcher`` and ``SetCriterion`` (with ``targets_from_batch``) are light; ``DetectionMetrics`` and
 ``postprocess_detections`` live in ``metrics.py``, which imports torchmetrics, so they are exported lazily here.
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .criterion import DEFAULT_WEIGHTS, SetCriterion, targets_from_batch
 from .decoder import DeformableDecoder, DeformableDecoderLayer, MlpHead
 from .matcher import HungarianMatcher, check_targets
+from .monodino_detr import MonoDINODETR
 from .vidt import ViDT
 
 if TYPE_CHECKING:
@@ -25,6 +27,7 @@ __all__ = [
     "DetectionMetrics",
     "HungarianMatcher",
     "MlpHead",
+    "MonoDINODETR",
     "SetCriterion",
     "ViDT",
     "check_targets",

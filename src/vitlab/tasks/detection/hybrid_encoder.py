@@ -71,7 +71,9 @@ class _Fuse(nn.Module):
 class HybridEncoder(nn.Module):
     """Maps ``(B, dim, H_l, W_l)``, fine to coarse, -> the same shapes after AIFI (coarsest) and CCFM."""
 
-    def __init__(self, dim: int, num_levels: int, num_heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_levels: int, num_heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")

@@ -37,9 +37,13 @@ class Mono3DMetrics(Metric):
         for name in ("abs_rel", "center_error", "matched"):
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, preds: Sequence[dict], targets: Sequence[dict], matched: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def update(
+        self, preds: Sequence[dict], targets: Sequence[dict], matched: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         for p, t in zip(preds, targets, strict=True):
-            tp = center_distance_matches(p["centers"], p["scores"], p["labels"], t["centers"], t["labels"], self.thresholds)
+            tp = center_distance_matches(
+                p["centers"], p["scores"], p["labels"], t["centers"], t["labels"], self.thresholds
+            )
             self.scores.append(p["scores"].detach().double().to(self.device))
             self.labels.append(p["labels"].to(self.device))
             self.tp.append(tp.to(self.device))
@@ -51,7 +55,7 @@ class Mono3DMetrics(Metric):
 
     def compute(self) -> dict[str, float | None]:
         T = len(self.thresholds)
-        scores, labels = dim_zero_cat(self.scores) if self.scores else torch.zeros(0), None
+        scores = dim_zero_cat(self.scores) if self.scores else torch.zeros(0, dtype=torch.float64)
         labels = dim_zero_cat(self.labels) if self.labels else torch.zeros(0, dtype=torch.long)
         tp = dim_zero_cat(self.tp).view(-1, T) if self.tp else torch.zeros(0, T, dtype=torch.bool)
         gt = dim_zero_cat(self.gt_labels) if self.gt_labels else torch.zeros(0, dtype=torch.long)

@@ -23,7 +23,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ __all__ = [
     "alpha_to_yaw",
     "average_precision",
     "center_distance_matches",
+    "check_intrinsics",
     "geometric_depth",
     "heading_decode",
     "heading_encode",
@@ -39,6 +41,7 @@ __all__ = [
     "lid_bins",
     "lid_focal_loss",
     "lid_index",
+    "toy_scenes",
     "yaw_to_alpha",
 ]
 
@@ -111,7 +114,7 @@ def lid_focal_loss(
     The depth is read at the centre of each of the ``h x w`` cells; pixels without depth (<= 0) add nothing, and a
     batch without any gives 0 (with a graph).
     """
-    B, _, h, w = logits.shape
+    h, w = logits.shape[-2:]
     H, W = depth.shape[-2:]
     rows = ((torch.arange(h, device=depth.device) + 0.5) * H / h).long().clamp(max=H - 1)
     cols = ((torch.arange(w, device=depth.device) + 0.5) * W / w).long().clamp(max=W - 1)
@@ -149,7 +152,7 @@ def center_distance_matches(
 
 
 def average_precision(scores: torch.Tensor, tp: torch.Tensor, num_gt: int) -> float:
-    """All-point interpolated AP (0..1) of detections with ``scores`` and true-positive flags over ``num_gt`` objects."""
+    """All-point interpolated AP (0..1) of detections (``scores``, true-positive flags ``tp``) over ``num_gt``."""
     if num_gt <= 0:
         raise ValueError("average precision needs at least one ground-truth object")
     hits = tp[scores.argsort(descending=True, stable=True)].double()
@@ -160,3 +163,68 @@ def average_precision(scores: torch.Tensor, tp: torch.Tensor, num_gt: int) -> fl
     envelope = precision.flip(0).cummax(0).values.flip(0)
     steps = torch.diff(recall, prepend=recall.new_zeros(1))
     return float((steps * envelope).sum())
+
+
+def check_intrinsics(batch: Mapping[str, Any], batch_size: int) -> torch.Tensor:
+    """``batch["intrinsics"]``, checked: float (B, 3, 3), finite, positive focal lengths, invertible."""
+    K = batch.get("intrinsics")
+    if not torch.is_tensor(K):
+        raise ValueError(
+            "batch has no 'intrinsics': a monocular 3-D detector needs each image's camera, float (B, 3, 3)"
+        )
+    if K.shape != (batch_size, 3, 3) or not K.is_floating_point():
+        raise ValueError(f"batch['intrinsics'] must be float ({batch_size}, 3, 3), got {K.dtype} {tuple(K.shape)}")
+    bad = ~torch.isfinite(K).all((1, 2)) | (K[:, 0, 0] <= 0) | (K[:, 1, 1] <= 0) | (torch.linalg.det(K).abs() < 1e-9)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise ValueError(f"batch['intrinsics'][{b}] is singular or has a non-positive focal length: {K[b].tolist()}")
+    return K
+
+
+def toy_scenes(
+    batch_size: int, size: int, in_chans: int, num_classes: int, max_objects: int, g: torch.Generator
+) -> dict[str, Any]:
+    """A tiny deterministic 3-D batch (task example batches): 1-3 boards standing on the ground (y = 1.3 m below the
+    camera) per image, the last image empty; keys as FMNIST-Scenes-3D's (image, depth, intrinsics, boxes, labels,
+    boxes3d, centers2d). Depth is the board's z on its 2-D box (painter's order) and the ground's below the horizon."""
+
+    S, C, cam_h = size, in_chans, 1.3
+    K = torch.tensor([[float(S), 0, S / 2], [0, float(S), 0.3 * S], [0, 0, 1]])
+    rows = torch.arange(S, dtype=torch.float32)[:, None] + 0.5
+    ground = torch.where(rows > K[1, 2], K[1, 1] * cam_h / (rows - K[1, 2]).clamp(min=1e-3), torch.zeros(()))
+    ground = torch.where(ground <= 100, ground, torch.zeros(())).expand(S, S)
+    palette = torch.randn(num_classes + 1, C, 1, 1, generator=g)
+    batch: dict[str, Any] = {k: [] for k in ("boxes", "labels", "boxes3d", "centers2d")}
+    images, depths = [], []
+    for b in range(batch_size):
+        image, depth = palette[-1].expand(C, S, S).clone(), ground.clone()
+        n = 0 if batch_size > 1 and b == batch_size - 1 else int(torch.randint(1, 4, (1,), generator=g))
+        n = min(n, max_objects)
+        r = torch.rand(n, 5, generator=g)
+        z, h, yaw = 4 + 8 * r[:, 0], 0.8 + r[:, 1], (r[:, 2] - 0.5)
+        u, w = S * (0.25 + 0.5 * r[:, 3]), h * (0.5 + 0.3 * r[:, 4])
+        centre = torch.stack([(u - K[0, 2]) * z / K[0, 0], cam_h - h / 2, z], -1)
+        order = z.argsort(descending=True)  # painter's order: far first
+        boxes = torch.zeros(n, 4)
+        for i in order.tolist():  # the billboard's four corners, projected
+            sx = torch.tensor([-0.5, 0.5, -0.5, 0.5]) * w[i]
+            sy = torch.tensor([-0.5, -0.5, 0.5, 0.5]) * h[i]
+            pts = centre[i] + torch.stack([sx * yaw[i].cos(), sy, -sx * yaw[i].sin()], -1)
+            uv = (pts @ K.T)[:, :2] / pts[:, 2:]
+            boxes[i] = torch.cat([uv.min(0).values, uv.max(0).values]).clamp(0, S)
+            x1, y1, x2, y2 = (round(float(c)) for c in boxes[i])
+            image[:, y1:y2, x1:x2] = palette[i % num_classes]
+            depth[y1:y2, x1:x2] = z[i]
+        labels = torch.arange(n) % num_classes
+        batch["boxes"].append(boxes)
+        batch["labels"].append(labels)
+        batch["boxes3d"].append(torch.cat([centre, w[:, None], h[:, None], torch.full((n, 1), 0.1), yaw[:, None]], -1))
+        batch["centers2d"].append((centre @ K.T)[:, :2] / centre[:, 2:])
+        images.append(image + 0.1 * torch.randn(image.shape, generator=g))
+        depths.append(depth)
+    return {
+        "image": torch.stack(images),
+        "depth": torch.stack(depths),
+        "intrinsics": K.expand(batch_size, 3, 3).clone(),
+        **batch,
+    }
