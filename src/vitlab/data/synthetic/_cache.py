@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "cache_file", "cache_root"]
+__all__ = ["atomic_write", "cache_file", "cache_root", "load_or_generate"]
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -48,3 +48,24 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def load_or_generate(
+    name: str, key: dict[str, Any] | None, load: Callable[..., Any], generate: Callable[[], Any], cache_dir: Any = None
+) -> Any:
+    """The set cached under ``name`` and ``key`` (``load(path, key=key)``), else ``generate()``, saved there.
+
+    ``key=None`` skips the cache. A damaged or foreign entry (``DataError`` on load) is regenerated and replaced.
+    """
+    from ..errors import DataError  # here: the cache module imports nothing of the package at import time
+
+    path = cache_file(name, key, cache_dir) if key is not None else None
+    if path is not None and path.is_file():
+        try:
+            return load(path, key=key)
+        except DataError:
+            pass
+    scenes = generate()
+    if path is not None:
+        scenes.save(path, key=key)
+    return scenes

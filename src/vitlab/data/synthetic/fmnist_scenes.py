@@ -24,9 +24,8 @@ import torch
 from PIL import Image
 
 from ..datasets import TensorImageDataset
-from ..errors import DataError
 from ..fashion_mnist import _SPLIT_FILES, _file_in, find_fashion_mnist, load_fashion_mnist
-from ._cache import cache_file
+from ._cache import load_or_generate
 from .scenes import SceneDataset
 
 __all__ = ["GENERATOR_VERSION", "FMNISTScenes", "generate_fmnist_scenes"]
@@ -302,32 +301,23 @@ def generate_fmnist_scenes(
         "scale": list(scale),
         "max_rotation": float(max_rotation),
     }
-    path, key = None, None
-    if cache:
-        key = {**params, "source": _source_key(split, data_dir, source)}
-        path = cache_file("fmnist_scenes", key, cache_dir)
-        if path.is_file():
-            try:
-                return FMNISTScenes.load(path, key=key)
-            except DataError:  # a damaged or foreign entry is regenerated and replaced
-                pass
 
-    if source is None:
-        source = load_fashion_mnist(data_dir, split=split)
-    pool, pool_labels = source.images[:, 0].numpy(), source.targets.numpy()
-    images, panoptic, labels, offsets = _generate(pool, pool_labels, split, n, seed, recipe)
-    mean, std = _mean_std(images)
-    scenes = FMNISTScenes(
-        images=images,
-        panoptic=panoptic,
-        labels=labels,
-        offsets=offsets,
-        thing_classes=list(source.classes),
-        mean=mean,
-        std=std,
-        name=f"fmnist_scenes/{split}",
-        params=params,
-    )
-    if path is not None:
-        scenes.save(path, key=key)
-    return scenes
+    def generate() -> FMNISTScenes:
+        items = source if source is not None else load_fashion_mnist(data_dir, split=split)
+        pool, pool_labels = items.images[:, 0].numpy(), items.targets.numpy()
+        images, panoptic, labels, offsets = _generate(pool, pool_labels, split, n, seed, recipe)
+        mean, std = _mean_std(images)
+        return FMNISTScenes(
+            images=images,
+            panoptic=panoptic,
+            labels=labels,
+            offsets=offsets,
+            thing_classes=list(items.classes),
+            mean=mean,
+            std=std,
+            name=f"fmnist_scenes/{split}",
+            params=params,
+        )
+
+    key = {**params, "source": _source_key(split, data_dir, source)} if cache else None
+    return load_or_generate("fmnist_scenes", key, FMNISTScenes.load, generate, cache_dir)

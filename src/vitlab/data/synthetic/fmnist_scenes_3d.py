@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import TensorImageDataset
-from ..errors import DataError
 from ..fashion_mnist import load_fashion_mnist
-from ._cache import cache_file
+from ._cache import load_or_generate
 from .fmnist_scenes import ITEM_THRESHOLD, SPLITS, _check_range, _mean_std, _source_key
 from .scenes3d import Scene3DDataset, _plane_hits, pixel_rays
 
@@ -341,29 +340,19 @@ def generate_fmnist_scenes_3d(
         "depth_range": list(r.depth_range),
         **{k: getattr(r, k) for k in ("max_yaw", "size_jitter", "focal", "focal_jitter", "camera_height", "horizon")},
     }
-    path, key = None, None
-    if cache:
-        key = {**params, "source": _source_key(split, data_dir, source)}
-        path = cache_file("fmnist_scenes_3d", key, cache_dir)
-        if path.is_file():
-            try:
-                return FMNISTScenes3D.load(path, key=key)
-            except DataError:  # a damaged or foreign entry is regenerated and replaced
-                pass
 
-    if source is None:
-        source = load_fashion_mnist(data_dir, split=split)
-    pool, pool_labels = source.images[:, 0].numpy(), source.targets.numpy()
-    arrays = _generate(pool, pool_labels, split, n, seed, r)
-    mean, std = _mean_std(arrays["images"])
-    scenes = FMNISTScenes3D(
-        **arrays,
-        thing_classes=list(source.classes),
-        mean=mean,
-        std=std,
-        name=f"fmnist_scenes_3d/{split}",
-        params=params,
-    )
-    if path is not None:
-        scenes.save(path, key=key)
-    return scenes
+    def generate() -> FMNISTScenes3D:
+        items = source if source is not None else load_fashion_mnist(data_dir, split=split)
+        arrays = _generate(items.images[:, 0].numpy(), items.targets.numpy(), split, n, seed, r)
+        mean, std = _mean_std(arrays["images"])
+        return FMNISTScenes3D(
+            **arrays,
+            thing_classes=list(items.classes),
+            mean=mean,
+            std=std,
+            name=f"fmnist_scenes_3d/{split}",
+            params=params,
+        )
+
+    key = {**params, "source": _source_key(split, data_dir, source)} if cache else None
+    return load_or_generate("fmnist_scenes_3d", key, FMNISTScenes3D.load, generate, cache_dir)
