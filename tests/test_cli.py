@@ -294,3 +294,15 @@ def test_compress_a_run_and_reload_it_compressed(run_dir, tmp_path, capsys):
     assert run(["eval", str(out), "--dataset", "synthetic"]) == 0  # evaluates like any checkpoint
     assert run(["compress", str(run_dir), "--method", "magnitude", "--out", str(tmp_path / "x.pt")]) == 2
     assert "safetensors" in capsys.readouterr().err
+
+
+def test_compress_takes_the_methods_keywords_as_json(run_dir, tmp_path, capsys):
+    from vitlab.engine import load_trained
+
+    out = tmp_path / "p.safetensors"
+    args = ["compress", str(run_dir), "--method", "magnitude", "--args", '{"amount": 0.3}', "--out", str(out)]
+    assert run(args) == 0
+    assert load_trained(out)[1]["surgery"][-1]["kwargs"]["amount"] == 0.3
+    capsys.readouterr()
+    assert run(["compress", str(run_dir), "--method", "magnitude", "--args", "amount=0.3", "--out", str(out)]) == 2
+    assert "--args must be a JSON object" in capsys.readouterr().err

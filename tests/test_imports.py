@@ -16,10 +16,11 @@ ALLOWED = {
     "models": {"layers"},
     "data": set(),
     "bench": {"models", "layers", "data"},
-    "engine": {"models", "layers", "data", "bench", "reduce", "tasks", "compress"},
+    "engine": {"models", "layers", "data", "bench", "reduce", "tasks", "compress", "search"},
     "reduce": {"models", "layers"},
     "compress": {"models", "layers"},
     "tasks": {"models", "layers", "data"},
+    "search": {"models", "layers"},  # ViT-ResNAS supernet and evolutionary search
 }
 TOP_LEVEL_SHARED = {"errors", "__init__"}  # vitlab/errors.py and the version are importable from anywhere
 PACKAGES = {p.name for p in SRC.iterdir() if p.is_dir() and p.name.isidentifier() and any(p.rglob("*.py"))}

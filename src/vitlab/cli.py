@@ -237,8 +237,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .engine.compress_run import compress_checkpoint
+    from .engine.setup import json_keywords
 
-    kwargs = {"amount": args.amount} if args.amount is not None else {}
+    kwargs = json_keywords("--args", args.args)
+    if args.amount is not None:
+        kwargs["amount"] = args.amount
     entry = compress_checkpoint(args.source, args.method, args.out, **kwargs)
     report = ", ".join(f"{k} {v}" for k, v in entry.get("report", {}).items())
     print(f"{args.method}: {report}\nwrote {args.out} (reloads compressed: vitlab eval / export {args.out})")
@@ -260,6 +263,82 @@ def cmd_data(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out} (scenes.npz, preview.png, info.json)")
     return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from .engine.split_run import split_run
+
+    budgets = None
+    if args.budgets_mb:
+        try:
+            budgets = [float(v) * 2**20 for v in args.budgets_mb.split(",")]
+        except ValueError:
+            raise ValueError(f"--budgets-mb must be comma-separated MiB, e.g. 2,2,4; got {args.budgets_mb!r}") from None
+    recipe = {k: getattr(args, k) for k in ("heads", "mlp", "importance", "criterion", "distill_epochs", "distill_on")}
+    recipe |= {k: getattr(args, k) for k in ("lr", "tau", "batch_size", "fusion_epochs", "fusion_hidden")}
+    data = {"train_subset": args.train_subset, "test_subset": args.test_subset, "seed": args.seed}
+    data |= {"dataset": args.dataset, "data_dir": args.data_dir}
+    m = split_run(args.source, args.parts, args.out, budgets=budgets, **data, **recipe)
+    s = m["scores"]
+    print(f"host top-1 {s['host_top1']:.2f}%  split top-1 {s['top1']:.2f}% (arg-max over parts {s['top1_argmax']:.2f})")
+    for part in m["parts"]:
+        share = 100 * part["params"] / m["host_params"]
+        print(f"  {part['file']}: classes {part['classes']}  {part['params']:,} params ({share:.1f}% of the host)")
+    print(f"split directory: {args.out} (serve it: vitlab serve-split {args.out} --images ...)")
+    return 0
+
+
+def cmd_serve_split(args: argparse.Namespace) -> int:
+    from .engine.split_serve import serve_dataset, serve_images
+
+    server = {"backend": args.backend, "timeout_s": args.timeout}
+    if bool(args.images) == bool(args.dataset):
+        raise ValueError("give either --images FILE ... or --dataset NAME (with --test-subset K)")
+    if args.images:
+        for path, top in serve_images(args.split, args.images, topk=args.topk, **server):
+            print(path + ": " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
+        return 0
+    r = serve_dataset(args.split, args.dataset, args.test_subset, args.batch_size, args.data_dir, **server)
+    print(f"top-1 {r['top1']:.2f}% on {r['images']} images; {r['processes']} processes ({r['backend']})")
+    print(f"per batch of {r['batch_size']}: part forward ms {r['part_ms']}, end to end {r['end_to_end_ms']:.1f} ms")
+    return 0
+
+
+def _add_split_parsers(sub: argparse._SubParsersAction) -> None:
+    """``vitlab split`` and ``vitlab serve-split`` (ED-ViT, arXiv:2410.11650)."""
+    p = sub.add_parser("split", help="ED-ViT: split a trained run into class-wise sub-models + a fusion head")
+    p.add_argument("source", help="a run directory or .safetensors checkpoint of vitlab train (a classifier)")
+    p.add_argument("--parts", type=int, required=True, help="number of sub-models (1..number of classes)")
+    p.add_argument("--out", required=True, help="the split directory to write (parts, fusion head, manifest.json)")
+    p.add_argument("--heads", type=float, default=0.5, help="fraction of attention heads removed per block (0.5)")
+    p.add_argument("--mlp", type=float, default=0.5, help="fraction of MLP channels removed per block (0.5)")
+    p.add_argument("--importance", choices=["own", "all"], default="own", help="own classes (ED-ViT) or all (uniform)")
+    p.add_argument("--criterion", choices=["taylor", "l1"], default="taylor", help="importance criterion (taylor)")
+    p.add_argument("--distill-epochs", type=float, default=1.0, help="distillation passes over each part's data (1)")
+    p.add_argument("--distill-on", choices=["own", "all"], default="own", help="distil on own classes' images or all")
+    p.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate (5e-4)")
+    p.add_argument("--tau", type=float, default=1.0, help="distillation temperature (1)")
+    p.add_argument("--batch-size", type=int, default=64, help="distillation batch size (64)")
+    p.add_argument("--fusion-epochs", type=int, default=10, help="epochs of the fusion head on frozen parts (10)")
+    p.add_argument("--fusion-hidden", type=int, default=64, help="hidden width of the fusion MLP (64)")
+    p.add_argument("--budgets-mb", help="memory budget of each device in MiB, e.g. 2,2,4: greedy placement")
+    p.add_argument("--train-subset", type=int, default=0, help="training images used (0: all)")
+    p.add_argument("--test-subset", type=int, default=0, help="test images scored (0: all)")
+    p.add_argument("--dataset", help="override the run's data set")
+    p.add_argument("--data-dir", help="where the data set lives")
+    p.add_argument("--seed", type=int, default=0, help="seed of subsets and distillation (0)")
+    p.set_defaults(fn=cmd_split)
+    p = sub.add_parser("serve-split", help="ED-ViT: run a split directory with one process per sub-model")
+    p.add_argument("split", help="a split directory written by vitlab split")
+    p.add_argument("--images", nargs="+", help="image files to classify")
+    p.add_argument("--dataset", help="score a data set's test split instead, e.g. fashion_mnist")
+    p.add_argument("--test-subset", type=int, default=0, help="test images scored (0: all)")
+    p.add_argument("--data-dir", help="where the data set lives")
+    p.add_argument("--batch-size", type=int, default=64, help="images per request (64)")
+    p.add_argument("--topk", type=int, default=3, help="classes shown per image (3)")
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto", help="torch.distributed backend")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait on a process (60)")
+    p.set_defaults(fn=cmd_serve_split)
 
 
 def _task_builder(args: argparse.Namespace) -> object:
@@ -338,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="compress a trained run into a new checkpoint that reloads compressed")
     p.add_argument("source", help="a run directory or .safetensors checkpoint of vitlab train")
-    p.add_argument("--method", required=True, help="compression method: reparam or magnitude (vitlab.compress)")
+    p.add_argument("--method", required=True, help="compression method (vitlab.compress.list_methods())")
+    p.add_argument("--args", default="", help="""the method's keywords as JSON, e.g. '{"heads": 0.25}'""")
     p.add_argument("--amount", type=float, help="magnitude: fraction of weights set to zero (default 0.5)")
     p.add_argument("--out", required=True, help="the compressed checkpoint to write (.safetensors)")
     p.set_defaults(fn=cmd_compress)
@@ -368,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(p, RunConfig, RunConfig())
     p.set_defaults(fn=cmd_distill)
     add_reduce_parser(sub, load_trained=load_trained)
+    from .engine.search_run import add_search_parser  # ViT-ResNAS search (issue 15)
+
+    add_search_parser(sub)
+    _add_split_parsers(sub)
     return parser
 
 

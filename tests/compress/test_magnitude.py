@@ -52,3 +52,20 @@ def test_include_head_prunes_the_classifier():
 def test_amount_outside_the_open_interval_is_refused(amount):
     with pytest.raises(ValueError, match=r"0 < amount < 1"):
         compress.apply(_vit(), "magnitude", amount=amount)
+
+
+@pytest.mark.parametrize("keep_mask", [True, False])
+def test_keep_mask_holds_the_zeros_through_optimizer_steps(keep_mask):
+    model = _vit().train()
+    compress.apply(model, "magnitude", amount=0.5, keep_mask=keep_mask)
+    zeros = {n: p == 0 for n, p in model.named_parameters() if p.ndim > 1 and (p == 0).any()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 1, 28, 28)).square().mean().backward()
+        opt.step()
+        compress.after_step(model)  # what vitlab train calls after every step
+    params = dict(model.named_parameters())
+    still_zero = all((params[n][z] == 0).all() for n, z in zeros.items())
+    assert still_zero is keep_mask  # without the mask, AdamW moves every pruned weight
+    assert list(model.state_dict()) == list(_vit().state_dict())  # the mask is no buffer

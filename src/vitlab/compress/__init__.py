@@ -11,10 +11,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..errors import did_you_mean
-from . import magnitude, reparam
+from . import attn_sparsity, magnitude, path_ensemble, reparam, shiftadd, structured
 from ._method import Method
 from ._record import KINDS, check_jsonable, record_surgery, set_surgery, surgery_of
 from .magnitude import sparsity
@@ -23,7 +24,9 @@ __all__ = [
     "KINDS",
     "METHODS",
     "Method",
+    "after_step",
     "apply",
+    "aux_losses",
     "check_jsonable",
     "get_method",
     "list_methods",
@@ -34,7 +37,9 @@ __all__ = [
     "surgery_of",
 ]
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (reparam, magnitude)}
+METHODS: dict[str, Method] = {
+    m.METHOD.name: m.METHOD for m in (reparam, magnitude, structured, attn_sparsity, path_ensemble, shiftadd)
+}
 
 
 def list_methods() -> list[str]:
@@ -75,6 +80,29 @@ def apply(model: nn.Module, method: str, **kwargs: Any) -> nn.Module:
     report = spec.fn(model, **bound)
     record_surgery(model, "compress", spec.name, bound, report)
     return model
+
+
+def _applied(model: nn.Module) -> list[Method]:
+    """The methods of ``model``'s compress records, each once, in the order first applied."""
+    names = dict.fromkeys(r["method"] for r in surgery_of(model) if r["kind"] == "compress")
+    return [get_method(n) for n in names]
+
+
+def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The training-loss terms of every compression applied to ``model`` (read after its forward), by name."""
+    terms: dict[str, torch.Tensor] = {}
+    for spec in _applied(model):
+        if spec.aux_loss is not None:
+            for name, value in spec.aux_loss(model).items():
+                terms[name] = terms[name] + value if name in terms else value
+    return terms
+
+
+def after_step(model: nn.Module) -> None:
+    """Run every applied method's ``after_step`` (called after each optimizer step while training)."""
+    for spec in _applied(model):
+        if spec.after_step is not None:
+            spec.after_step(model)
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 import torch.nn as nn
 
 __all__ = ["Method"]
@@ -23,6 +24,14 @@ class Method:
             by the saved weights themselves, so loading them is the replay (the record is history).
         undo: ``undo(model)`` reverses ``fn``; None where the method is permanent.
         permanent_reason: why it cannot be undone (the error of ``compress.remove`` says it).
+        aux_loss: for methods that train (``vitlab train --compress``): ``aux_loss(model) -> {name: scalar}``,
+            read after every training forward (modules stash what they need during the forward); the terms are
+            already weighted, are added to the loss and logged under their names.
+        after_step: called with the model after every optimizer step while training (e.g. keep pruned weights
+            at zero).
+        rebuild: ``rebuild(model, kwargs, report)`` replays a ``"build"`` record on a freshly built model when
+            ``fn``'s result depended on data or weights (structured pruning: the kept sizes are in the report);
+            without it, build replay calls ``fn(model, **kwargs)``.
     """
 
     name: str
@@ -31,3 +40,6 @@ class Method:
     summary: str
     undo: Callable[[nn.Module], None] | None = None
     permanent_reason: str = ""
+    aux_loss: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    after_step: Callable[[nn.Module], None] | None = None
+    rebuild: Callable[[nn.Module, dict[str, Any], dict[str, Any]], None] | None = None

@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "ChannelSamplingConfig",
+    "CompressConfig",
     "DataConfig",
     "DistillConfig",
     "ModelConfig",
@@ -44,6 +45,9 @@ class ModelConfig:
     model: str = opt("tiny_vit_1m_28", "model name (vitlab list); with --task, the backbone unless --backbone")
     img_size: int | None = opt(None, "input size in pixels (default: the model's own)")
     in_chans: int | None = opt(None, "input channels (default: the data's)")
+    model_args: str = opt(
+        "", """the model's own keywords as JSON, e.g. '{"depth": 24}' (with --task: --backbone-args)"""
+    )
     drop_path_rate: float | None = opt(None, "stochastic depth rate (default: the model's)")
     init_from: str = opt("", "start from these weights: a run directory, a vitlab .safetensors or a .pth state dict")
 
@@ -137,6 +141,14 @@ class ReduceConfig:
 
 
 @dataclass
+class CompressConfig:
+    """Training with a compression method applied (``vitlab.compress``); engine/compress_train.py."""
+
+    compress: str = opt("", "train (or fine-tune with --init-from) with this compression method applied ('': off)")
+    compress_args: str = opt("", """with --compress: the method's keywords as JSON, e.g. '{"amount": 0.5}'""")
+
+
+@dataclass
 class RunConfig:
     """A whole run; ``config.json`` in the run directory is this, resolved."""
 
@@ -148,6 +160,7 @@ class RunConfig:
     multires: MultiResConfig = field(default_factory=MultiResConfig)
     distillation: DistillConfig = field(default_factory=DistillConfig)
     reduction: ReduceConfig = field(default_factory=ReduceConfig)
+    compression: CompressConfig = field(default_factory=CompressConfig)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when present)")
     amp: bool = opt(False, "autocast on CUDA (see --amp-dtype)")
     amp_dtype: str = opt("bfloat16", "with --amp: bfloat16 or float16 (with loss scaling)")

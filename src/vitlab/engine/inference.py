@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..compress import set_surgery
 from ..data import load_image, match_channels, normalize, resize_batch
 from ..errors import CheckpointError
 from ..models import create_model
@@ -77,7 +78,7 @@ def build_trained(meta: dict[str, Any]) -> nn.Module:
         return create_task_model(
             meta["task"], backbone=meta["model"], backbone_kwargs=backbone_kwargs, **shape, **meta.get("task_args", {})
         )
-    return create_model(meta["model"], **shape)
+    return create_model(meta["model"], **{**(meta.get("model_args") or {}), **shape})
 
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -154,12 +155,21 @@ def init_from_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     go through the model module's ``checkpoint_filter_fn`` when it has one. Every key must then exist in
     both with the same shape, except the classifier, which is left as built when the class count differs
     (a new head for a new data set).
+
+    A vitlab checkpoint's compression record comes along: structural compression (structured pruning, wrappers)
+    is rebuilt on ``model`` before the weights load, and the records stay on the model, so fine-tuning a
+    compressed checkpoint trains (and saves) the compressed model. Token reduction is not carried over
+    (``--reduce`` says what the new run reduces).
     """
     weights, _ = _resolve_checkpoint(path)
     if not weights.is_file():
         raise CheckpointError(f"--init-from {str(path)!r} does not exist; expected {_EXPECTED}")
     state, own_format = _read_weights(weights)
-    if not own_format:
+    if own_format:
+        compressed = [r for r in records_from_meta(read_metadata(weights)) if r["kind"] == "compress"]
+        replay(model, compressed, "build")
+        set_surgery(model, compressed)  # the whole history, weights-held methods (magnitude) included
+    else:
         state = _filter_foreign(state, model, weights)
     own = model.state_dict()
     head = {k for k in own if k.startswith(("head.", "head_dist.", "aux_head."))}

@@ -153,7 +153,11 @@ def build_model(cfg: RunConfig, num_classes: int, in_chans: int) -> nn.Module:
             backbone_kwargs=extra or None,
             **json_keywords("--task-args", cfg.task.task_args),
         )
-    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
+    kwargs: dict = {
+        **json_keywords("--model-args", cfg.model.model_args),
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+    }
     if cfg.model.img_size is not None:
         kwargs["img_size"] = cfg.model.img_size
     if cfg.model.drop_path_rate is not None:

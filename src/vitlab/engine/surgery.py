@@ -120,8 +120,10 @@ def replay(model: nn.Module, records: list[dict[str, Any]], stage: Stage) -> nn.
                 continue
             if r["kind"] == "reduce":
                 reduce.apply(model, r["method"], **r["kwargs"])
+            elif (spec := compress.get_method(r["method"])).rebuild is not None:
+                spec.rebuild(model, r["kwargs"], r.get("report") or {})
             else:
-                compress.get_method(r["method"]).fn(model, **r["kwargs"])
+                spec.fn(model, **r["kwargs"])
         except (ValueError, TypeError) as e:
             raise CheckpointError(
                 f"cannot replay checkpoint surgery record #{i} ({r['kind']} {r['method']!r}, {r['kwargs']}): {e}"

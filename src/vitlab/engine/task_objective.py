@@ -68,6 +68,10 @@ _CLASSIFICATION_ONLY = ("--teacher", "--distill-from", "--resolutions", "--nativ
 def _validate(cfg: Any) -> None:
     if not cfg.task.task and (cfg.task.task_args or cfg.task.backbone_args):
         raise ValueError("--task-args and --backbone-args go with --task")
+    if cfg.task.task and cfg.model.model_args:
+        raise ValueError(
+            "--model-args is the classifier's keywords; with --task, give the backbone's as --backbone-args"
+        )
     if cfg.task.task:
         from ..tasks import get_task
         from .setup import json_keywords

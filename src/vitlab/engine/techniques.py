@@ -9,11 +9,12 @@ __all__ = ["TECHNIQUES", "active_techniques", "install_techniques", "validate_te
 
 
 def _registry() -> list[Technique]:
-    from . import distill, fast_distill, hcs, multires, reduce_train, task_objective
+    from . import compress_train, distill, fast_distill, hcs, multires, reduce_train, task_objective
 
     return [
         task_objective.TECHNIQUE,
         reduce_train.TECHNIQUE,
+        compress_train.TECHNIQUE,
         hcs.TECHNIQUE,
         multires.TECHNIQUE,
         multires.CURRICULUM,

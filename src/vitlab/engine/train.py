@@ -139,6 +139,8 @@ def _metadata(cfg: RunConfig, setup: Setup) -> dict[str, Any]:
         "std": list(setup.train_loader.std),
         "vitlab_version": __version__,
     }
+    if cfg.model.model_args:  # the architecture's own keywords (e.g. depth), so the run reloads as built
+        meta["model_args"] = json_keywords("--model-args", cfg.model.model_args)
     if cfg.task.task:
         meta["task"] = cfg.task.task
         # the architecture's keywords, so the run reloads as built (drop path only matters in training)

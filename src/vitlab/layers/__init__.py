@@ -58,6 +58,9 @@ __all__ += ["MIXERS", "get_mixer"]
 from .mlp import ConvFfn
 
 __all__ += ["ConvFfn"]
+from .moe import MixtureOfExperts, RouterOutput, TopKRouter, balance_loss, cv_squared
+
+__all__ += ["MixtureOfExperts", "RouterOutput", "TopKRouter", "balance_loss", "cv_squared"]
 from .msa_conv import MSAConv, msa_conv_windows
 
 __all__ += ["MSAConv", "msa_conv_windows"]
@@ -84,6 +87,9 @@ from .multiscale_scan import SelectiveScan2d
 from .selective_scan import selective_scan, selective_scan_macs, selective_scan_ref
 
 __all__ += ["SelectiveScan2d", "selective_scan", "selective_scan_macs", "selective_scan_ref"]
+from .shiftadd import BinaryLinearAttention, ShiftLinear, binarize_ste, round_power_of_two
+
+__all__ += ["BinaryLinearAttention", "ShiftLinear", "binarize_ste", "round_power_of_two"]
 from .spectral import SpectralGating, global_filter, resample_spectral_filter
 
 __all__ += ["SpectralGating", "global_filter", "resample_spectral_filter"]

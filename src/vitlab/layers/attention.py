@@ -112,11 +112,12 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, grid: tuple[int, int] | None = None, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        B, N, C = x.shape
+        B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         x = attend(q, k, v, bias, self.attn_drop if self.training else 0.0, self.scale)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        # -1, not C: compress.structured may have removed heads
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
 def _sdpa_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *_: Any, **__: Any) -> int:

@@ -248,7 +248,10 @@ class IsotropicBackbone(_ContractMixin, nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         if getattr(self.blocks, "threads_state", False):
-            raise ValueError("forward_intermediates needs the token grid, which token reduction removes")
+            raise ValueError(
+                "forward_intermediates runs the blocks one by one, but a plug-in runs them as one here "
+                "(token reduction removes the token grid; a path ensemble keeps two streams): remove it first"
+            )
         take, max_index = feature_take_indices(len(self.blocks), indices)
         x, grid = self._embed(x, **embed_kwargs)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks

@@ -14,6 +14,7 @@ from . import hyena_vit
 from . import maformer
 from . import msvmamba
 from . import ppma
+from . import pvt_v2
 from . import resformer
 from . import s2aformer
 from . import spectformer
@@ -23,6 +24,7 @@ from . import tic
 from . import tiny_vit
 from . import univitar
 from . import vit
+from . import vit_resnas
 from . import vir
 from ._factory import UnknownModelError, create_model, get_variant, list_models
 from ._variants import VARIANTS, Paper, VariantSpec
