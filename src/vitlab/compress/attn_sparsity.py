@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Attention as TimmAttention
 
-from ..layers.attention import Attention as VitlabAttention
+from ._hosts import attention_blocks
 from ._method import Method
 
 __all__ = ["LAYERS", "METHOD", "add_attn_sparsity", "attn_penalty", "attn_sparsity_loss", "remove_attn_sparsity"]
@@ -62,19 +61,14 @@ def _stash(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         setattr(module, _STASH, attn_penalty(_probs(module, args[0])))
 
 
+_SUPPORTED = (
+    "isotropic ViTs whose blocks[i].attn is timm's or vitlab's Attention "
+    "(timm VisionTransformer / DeiT, vitlab's isotropic models)"
+)
+
+
 def _attentions(model: nn.Module) -> list[nn.Module]:
-    got = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-    blocks = getattr(model, "blocks", None)
-    ok = isinstance(blocks, nn.Sequential) and len(blocks) > 0
-    attns = [getattr(b, "attn", None) for b in blocks] if ok else []
-    if not ok or any(
-        getattr(type(a), "forward", None) not in (TimmAttention.forward, VitlabAttention.forward) for a in attns
-    ):
-        raise ValueError(
-            "attn_sparsity supports isotropic ViTs whose blocks[i].attn is timm's or vitlab's Attention "
-            f"(timm VisionTransformer / DeiT, vitlab's isotropic models); got {got}"
-        )
-    return attns
+    return [b.attn for b in attention_blocks(model, "attn_sparsity", _SUPPORTED)]
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
-from timm.models.vision_transformer import Attention as TimmAttention
 
-from ..layers.attention import Attention as VitlabAttention
+from ._hosts import attention_blocks, host_name
 from ._method import Method
 
 __all__ = ["METHOD", "importance", "prune_structured", "rebuild_structured"]
@@ -47,15 +46,10 @@ LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks of a supported host, or a ``ValueError`` naming what does not fit."""
-    got = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
-        raise ValueError(f"structured pruning supports {SUPPORTED}; got {got} (no non-empty 'blocks' Sequential)")
+    blocks = attention_blocks(model, "structured pruning", SUPPORTED)
     for i, b in enumerate(blocks):
-        attn, mlp = getattr(b, "attn", None), getattr(b, "mlp", None)
-        where = f"{got}.blocks[{i}]"
-        if getattr(type(attn), "forward", None) not in (TimmAttention.forward, VitlabAttention.forward):
-            raise ValueError(f"structured pruning supports {SUPPORTED}; got {where}.attn = {type(attn).__name__}")
+        attn, mlp = b.attn, getattr(b, "mlp", None)
+        where = f"{host_name(model)}.blocks[{i}]"
         if not isinstance(mlp, Mlp) or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
             raise ValueError(f"structured pruning supports {SUPPORTED}; got {where}.mlp = {type(mlp).__name__}")
         if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity) or not isinstance(mlp.norm, nn.Identity):
@@ -65,7 +59,7 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
             )
         if attn.qkv.out_features != 3 * attn.num_heads * attn.head_dim:
             raise ValueError(f"{where}.attn.qkv has {attn.qkv.out_features} outputs, not 3 x heads x head_dim")
-    return list(blocks)
+    return blocks
 
 
 def _head_rows(attn: nn.Module, heads: torch.Tensor, parts: int) -> torch.Tensor:
