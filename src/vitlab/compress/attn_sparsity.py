@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._hosts import attention_blocks
+from ..layers.hosts import attention_blocks
 from ._method import Method
 
 __all__ = ["LAYERS", "METHOD", "add_attn_sparsity", "attn_penalty", "attn_sparsity_loss", "remove_attn_sparsity"]

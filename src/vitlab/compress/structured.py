@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from ._hosts import attention_blocks, host_name
+from ..layers.hosts import attention_blocks, host_name
 from ._method import Method
 
 __all__ = ["METHOD", "importance", "prune_structured", "rebuild_structured"]

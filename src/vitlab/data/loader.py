@@ -88,6 +88,8 @@ class BatchLoader:
         match_channels(torch.zeros(dataset.in_chans, 1, 1, dtype=torch.uint8), self.in_chans)
 
     def __len__(self) -> int:
+        if hasattr(self.dataset, "group_batches"):  # batches of one task each (data.multitask)
+            return self.dataset.num_batches(self.batch_size, self.drop_last)
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -101,6 +103,8 @@ class BatchLoader:
     def _batch_indices(self, epoch: int, start_batch: int) -> list[torch.Tensor]:
         order = self.epoch_order(epoch)
         B = self.batch_size
+        if hasattr(self.dataset, "group_batches"):
+            return self.dataset.group_batches(order, B, self.drop_last)[start_batch:]
         return [order[b * B : (b + 1) * B] for b in range(start_batch, len(self))]
 
     def _fetch(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

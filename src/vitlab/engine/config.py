@@ -59,6 +59,7 @@ class DataConfig:
     dataset: str = opt(
         "fashion_mnist",
         "fashion_mnist, fashion_mnist_multichannel, synthetic, fmnist_scenes (with --task segmentation), "
+        "fmnist_multitask (with --task modular_moe; --train-subset counts per task), "
         "or a folder with train/ and val/ holding one sub-folder per class",
     )
     data_dir: str | None = opt(None, "where the named data set lives (default: its standard place)")
@@ -94,7 +95,7 @@ class TaskConfig:
     """Task models (``vitlab list --kind H``): a backbone by name + neck + head, trained on dict batches."""
 
     task: str = opt("", "train a task model instead of a classifier, e.g. segmentation ('': classification)")
-    backbone: str = opt("", "with --task: the backbone's model name (default: --model)")
+    backbone: str = opt("", "with --task: the backbone's model name (default: --model if given, else the task's own)")
     task_args: str = opt("", """with --task: the task model's keywords as JSON, e.g. '{"cnn_branch": false}'""")
     backbone_args: str = opt("", """with --task: the backbone's keywords as a JSON object, e.g. '{"patch_size": 8}'""")
 

@@ -13,10 +13,11 @@ from ..bench._checks import check_device
 from ..data import BatchLoader, ImageFolderDataset, TensorImageDataset, load_fashion_mnist, make_synthetic
 from ..data.errors import ChannelMismatchError
 from ..data.multichannel import load_fashion_mnist_multichannel
+from ..data.multitask import make_fmnist_multitask
 from ..data.synthetic import GENERATORS as SCENE_SETS
 from ..data.synthetic import make_dataset
 from ..models import create_model, get_variant
-from .config import RunConfig
+from .config import ModelConfig, RunConfig
 
 __all__ = [
     "backbone_name",
@@ -76,6 +77,9 @@ def build_datasets(cfg: RunConfig, splits: tuple[str, ...] = ("train", "test")) 
             ds = make_dataset(
                 d.dataset, split=split, n=n, seed=cfg.seed, canvas=model_img_size(cfg), data_dir=d.data_dir
             )
+        elif d.dataset == "fmnist_multitask":  # heterogeneous tasks, one per batch (data/multitask.py)
+            n = subset or (3_000 if split == "train" else 500)
+            ds = make_fmnist_multitask(split, n=n, seed=cfg.seed, canvas=model_img_size(cfg), data_dir=d.data_dir)
         elif d.dataset == "synthetic":
             ds = make_synthetic(n=subset or 512, seed=cfg.seed + (0 if split == "train" else 1))
         else:
@@ -119,8 +123,18 @@ def build_loader(
 
 
 def backbone_name(cfg: RunConfig) -> str:
-    """The model name a run builds: ``--backbone`` for a task model when given, else ``--model``."""
-    return (cfg.task.task and cfg.task.backbone) or cfg.model.model
+    """The model name a run builds: for a task model ``--backbone``, else ``--model`` when the user changed it,
+    else the task's default backbone (``--model``'s default is a hierarchical classifier, which isotropic-only
+    task models refuse)."""
+    if not cfg.task.task:
+        return cfg.model.model
+    if cfg.task.backbone:
+        return cfg.task.backbone
+    if cfg.model.model != ModelConfig.__dataclass_fields__["model"].default:
+        return cfg.model.model
+    from ..tasks import get_task
+
+    return get_task(cfg.task.task).default_backbone
 
 
 def json_keywords(flag: str, text: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """``vitlab predict`` for task models: run a trained task model on image files and write overlay PNGs.
 
 Segmentation runs get their class colours blended over the image; detection runs (outputs with ``"boxes"``) get
-their boxes drawn, each in its class colour with its class index.
+their boxes drawn, each in its class colour with its class index; multi-task runs their map task's overlay with
+the class answers (task: class index) written below.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from PIL import Image, ImageDraw
 from ..data import load_image, match_channels, normalize, resize_batch
 from .inference import load_trained
 
-__all__ = ["draw_detections", "overlay_semantic", "predict_dense"]
+__all__ = ["draw_detections", "draw_tasks", "overlay_semantic", "predict_dense"]
 
 
 def _rgb(image: torch.Tensor) -> np.ndarray:
@@ -71,6 +72,18 @@ def draw_detections(
     return picture
 
 
+def draw_tasks(image: torch.Tensor, preds: dict[str, torch.Tensor], tasks: list) -> Image.Image:
+    """A multi-task model's answers: each map task's overlay (``overlay_semantic``), class answers written below."""
+    classes = {name: k for name, _, k in tasks}
+    maps = [overlay_semantic(image, p, classes.get(n, int(p.max()) + 1)) for n, p in preds.items() if p.ndim == 2]
+    panel = maps[0] if maps else Image.fromarray(_rgb(image).clip(0, 255).astype(np.uint8))
+    text = ", ".join(f"{n}: {int(p)}" for n, p in preds.items() if p.ndim == 0)
+    picture = Image.new("RGB", (max(panel.width, 6 * len(text) + 4), panel.height + 12))
+    picture.paste(panel, (0, 0))
+    ImageDraw.Draw(picture).text((2, panel.height), text, fill=(255, 255, 255))
+    return picture
+
+
 @torch.inference_mode()
 def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | Path | None = None,
                   device: str = "cpu") -> list[Path]:  # fmt: skip
@@ -87,8 +100,10 @@ def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | P
         if "boxes" in pred:  # a detector
             found = [pred[key][0].cpu() for key in ("boxes", "labels", "scores")]
             picture = draw_detections(raw, *found, num_classes=meta["num_classes"])
-        else:
+        elif "semantic" in pred:
             picture = overlay_semantic(raw, pred["semantic"][0].cpu(), meta["num_classes"])
+        else:  # a multi-task model: {task: prediction}
+            picture = draw_tasks(raw, {k: v[0].cpu() for k, v in pred.items()}, getattr(model, "tasks", []))
         target = out_dir / f"{Path(path).stem}.png"
         picture.save(target)
         written.append(target)

@@ -35,7 +35,7 @@ class TaskObjective(Objective):
         self.higher_is_better = model.higher_is_better
 
     def step(self, net: nn.Module, batch: dict[str, Any], step: int) -> dict[str, Any]:
-        out = net(batch["image"])
+        out = net(batch["image"], **self.model.forward_kwargs(batch))
         res = dict(self.model.loss(out, batch))
         res["output"] = out
         return res
@@ -53,7 +53,7 @@ class TaskObjective(Objective):
         for batch in batches:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with amp():
-                out = model(batch["image"])
+                out = model(batch["image"], **task.forward_kwargs(batch))
             task.update_metrics(metrics, out, batch)
             count += batch["image"].shape[0]
         model.train(was_training)

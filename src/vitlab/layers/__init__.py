@@ -58,9 +58,12 @@ __all__ += ["MIXERS", "get_mixer"]
 from .mlp import ConvFfn
 
 __all__ += ["ConvFfn"]
-from .moe import MixtureOfExperts, RouterOutput, TopKRouter, balance_loss, cv_squared
+from .moe import MixtureOfExperts, RouterOutput, TopKRouter, balance_loss, cv_squared, select_top_k
 
-__all__ += ["MixtureOfExperts", "RouterOutput", "TopKRouter", "balance_loss", "cv_squared"]
+__all__ += ["MixtureOfExperts", "RouterOutput", "TopKRouter", "balance_loss", "cv_squared", "select_top_k"]
+from .task_moe import MoEAttention, TaskMoEMlp, TaskRouter, mutual_information, task_routed_modules
+
+__all__ += ["MoEAttention", "TaskMoEMlp", "TaskRouter", "mutual_information", "task_routed_modules"]
 from .msa_conv import MSAConv, msa_conv_windows
 
 __all__ += ["MSAConv", "msa_conv_windows"]

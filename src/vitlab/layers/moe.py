@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MixtureOfExperts", "RouterOutput", "TopKRouter", "balance_loss", "cv_squared"]
+__all__ = ["MixtureOfExperts", "RouterOutput", "TopKRouter", "balance_loss", "cv_squared", "select_top_k"]
 
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -101,29 +101,37 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """Route ``x`` (T, C)."""
         clean = self.gate(x)  # (T, E)
-        logits, std = clean, None
-        if self.noise is not None and self.training:
-            std = F.softplus(self.noise(x)) + self.noise_eps
-            logits = clean + torch.randn_like(clean) * std
-        probs = logits.softmax(-1)
-        top_logits, indices = logits.topk(min(self.k + 1, self.num_experts), dim=-1)
-        indices = indices[:, : self.k]
-        # renormalised: softmax over the top-k logits == the top-k probabilities divided by their sum
-        weights = top_logits[:, : self.k].softmax(-1) if self.renormalize else probs.gather(1, indices)
-        counts = F.one_hot(indices, self.num_experts).sum((0, 1)).to(probs.dtype)
-        load = counts if std is None else self._smooth_load(clean, logits, std, top_logits)
-        return RouterOutput(indices, weights, probs, probs.sum(0), load, counts.detach())
+        std = F.softplus(self.noise(x)) + self.noise_eps if self.noise is not None and self.training else None
+        return select_top_k(clean, std, self.k, self.renormalize)
 
-    def _smooth_load(
-        self, clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, top: torch.Tensor
-    ) -> torch.Tensor:
-        """Expected tokens per expert: P(expert in the top k) under fresh noise, summed over tokens (Shazeer)."""
-        # an expert now in the top k stays there if it beats the k+1-th value, one outside must beat the k-th
-        thr_in, thr_out = top[:, self.k : self.k + 1], top[:, self.k - 1 : self.k]
-        is_in = noisy > thr_in
-        normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
-        prob = torch.where(is_in, normal.cdf((clean - thr_in) / std), normal.cdf((clean - thr_out) / std))
-        return prob.sum(0)
+
+def select_top_k(clean: torch.Tensor, std: torch.Tensor | None, k: int, renormalize: bool = True) -> RouterOutput:
+    """Top-``k`` routing from router logits ``clean`` (T, E), plus Gaussian noise of scale ``std`` when given.
+
+    Shared by every router here (plain and task-conditioned); with noise, ``load`` is Shazeer's smooth estimate.
+    """
+    num_experts = clean.shape[-1]
+    logits = clean if std is None else clean + torch.randn_like(clean) * std
+    probs = logits.softmax(-1)
+    top_logits, indices = logits.topk(min(k + 1, num_experts), dim=-1)
+    indices = indices[:, :k]
+    # renormalised: softmax over the top-k logits == the top-k probabilities divided by their sum
+    weights = top_logits[:, :k].softmax(-1) if renormalize else probs.gather(1, indices)
+    counts = F.one_hot(indices, num_experts).sum((0, 1)).to(probs.dtype)
+    load = counts if std is None else _smooth_load(clean, logits, std, top_logits, k)
+    return RouterOutput(indices, weights, probs, probs.sum(0), load, counts.detach())
+
+
+def _smooth_load(
+    clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, top: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Expected tokens per expert: P(expert in the top k) under fresh noise, summed over tokens (Shazeer)."""
+    # an expert now in the top k stays there if it beats the k+1-th value, one outside must beat the k-th
+    thr_in, thr_out = top[:, k : k + 1], top[:, k - 1 : k]
+    is_in = noisy > thr_in
+    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+    prob = torch.where(is_in, normal.cdf((clean - thr_in) / std), normal.cdf((clean - thr_out) / std))
+    return prob.sum(0)
 
 
 class MixtureOfExperts(nn.Module):
@@ -136,6 +144,8 @@ class MixtureOfExperts(nn.Module):
         experts: modules of equal input and output width.
         dim: input width (the router's).
         latency: per-expert cost for the latency-aware balance loss (None: plain cv²).
+        router: a router to use instead of a ``TopKRouter`` (e.g. ``layers.task_moe.TaskRouter``); then ``k``,
+            ``noisy_gating`` and ``renormalize`` are the router's own.
     """
 
     def __init__(
@@ -146,6 +156,7 @@ class MixtureOfExperts(nn.Module):
         noisy_gating: bool = False,
         renormalize: bool = True,
         latency: Sequence[float] | None = None,
+        router: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if len(experts) < 1:
@@ -153,7 +164,7 @@ class MixtureOfExperts(nn.Module):
         if latency is not None and (len(latency) != len(experts) or min(latency) <= 0):
             raise ValueError(f"latency must hold one positive value per expert ({len(experts)}), got {latency}")
         self.experts = nn.ModuleList(experts)
-        self.router = TopKRouter(dim, len(experts), k, noisy_gating=noisy_gating, renormalize=renormalize)
+        self.router = router or TopKRouter(dim, len(experts), k, noisy_gating=noisy_gating, renormalize=renormalize)
         self.latency = tuple(float(v) for v in latency) if latency is not None else None
         self.stats: RouterOutput | None = None
 
@@ -161,10 +172,11 @@ class MixtureOfExperts(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (..., C_in); ``task`` (one id per token, shape ``x.shape[:-1]``) for a task-conditioned router."""
         lead, dim = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, dim)
-        route = self.router(tokens)
+        route = self.router(tokens) if task is None else self.router(tokens, task.reshape(-1))
         self.stats = route
         k = route.indices.shape[1]
         flat_expert = route.indices.reshape(-1)  # (T*k,)

@@ -5,7 +5,7 @@
 this package registers every task model.
 """
 
-from . import detection, segmentation
+from . import detection, multitask, segmentation
 from ._backbone import BackbonePyramid, create_backbone, feature_dicts
 from ._registry import TASKS, UnknownTaskError, create_task_model, get_task, list_tasks, register_task
 from .base import TaskModel, TaskSpec
@@ -22,6 +22,7 @@ __all__ = [
     "feature_dicts",
     "get_task",
     "list_tasks",
+    "multitask",
     "register_task",
     "segmentation",
 ]

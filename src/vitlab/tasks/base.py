@@ -124,6 +124,10 @@ class TaskModel(nn.Module):
         self.check_image(batch_or_image)
         return self.forward_image(batch_or_image)
 
+    def forward_kwargs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Keywords the engine passes to ``forward`` besides the image (a multi-task model: which tasks)."""
+        return {}
+
     def forward_image(self, image: torch.Tensor) -> Any:
         """The task's computation on a checked image tensor."""
         raise NotImplementedError

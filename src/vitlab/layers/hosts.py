@@ -1,13 +1,14 @@
-"""The host check shared by the methods that work on an isotropic ViT's attention blocks (``structured``,
-``attn_sparsity``): ``model.blocks`` is a non-empty ``nn.Sequential`` whose ``attn`` is timm's or vitlab's
-``Attention`` (one ``qkv`` Linear, ``num_heads``, ``head_dim``, fused SDPA)."""
+"""The host check shared by what works on an isotropic ViT's attention blocks (``compress.structured``,
+``compress.attn_sparsity``, the ``modular_moe`` task's surgery): ``model.blocks`` is a non-empty
+``nn.Sequential`` whose ``attn`` is timm's or vitlab's ``Attention`` (one ``qkv`` Linear, ``num_heads``,
+``head_dim``, fused SDPA)."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 from timm.models.vision_transformer import Attention as TimmAttention
 
-from ..layers.attention import Attention as VitlabAttention
+from .attention import Attention as VitlabAttention
 
 __all__ = ["attention_blocks", "host_name"]
 
