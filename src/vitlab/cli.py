@@ -260,8 +260,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         canvas=args.canvas,
         max_items=args.max_items,
         data_dir=args.data_dir,
+        frames=args.frames,
+        size=args.size,
     )
-    print(f"wrote {out} (scenes.npz, preview.png, info.json)")
+    written = ("scenes.npz", "clips.npz", "preview.png", "preview.gif", "info.json")
+    files = ", ".join(name for name in written if (out / name).is_file())
+    print(f"wrote {out} ({files})")
     return 0
 
 
@@ -427,13 +431,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = p.add_subparsers(dest="data_command", required=True).add_parser(
         "make", help="generate a synthetic data set into --out with a preview PNG"
     )
-    p.add_argument("name", help="generator: fmnist_scenes or fmnist_scenes_3d")
-    p.add_argument("--out", required=True, help="directory to write scenes.npz, preview.png and info.json")
-    p.add_argument("--n", type=int, default=1000, help="number of scenes (default 1000)")
+    p.add_argument("name", help="generator: fmnist_scenes, fmnist_scenes_3d or camera_motion_videos")
+    p.add_argument("--out", required=True, help="directory to write scenes.npz (clips.npz), previews and info.json")
+    p.add_argument("--n", type=int, default=1000, help="number of scenes or clips (default 1000)")
     p.add_argument("--split", default="train", choices=["train", "test"], help="items from this split")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes (default 0)")
-    p.add_argument("--canvas", type=int, help="scene side in pixels, 32-256 (default: the generator's, 64 or 96)")
-    p.add_argument("--max-items", type=int, help="most items per scene (default: the generator's, 6 or 4)")
+    p.add_argument(
+        "--canvas",
+        type=int,
+        help="scene side in pixels, 32-256 (default: the generator's, 64 or 96); for camera_motion_videos the "
+        "world canvas side (default 3 x --size)",
+    )
+    p.add_argument(
+        "--max-items",
+        type=int,
+        help="most items per scene (default: the generator's, 6 or 4); camera_motion_videos: besides the centre item",
+    )
+    p.add_argument("--frames", type=int, help="camera_motion_videos: frames per clip, 2-64 (default 8)")
+    p.add_argument("--size", type=int, help="camera_motion_videos: frame side in pixels, 16-128 (default 32)")
     p.add_argument("--data-dir", help="where Fashion-MNIST lies (default: its standard places)")
     p.set_defaults(fn=cmd_data)
     p = sub.add_parser("distill", help="TinyViT fast distillation: store a teacher's top-k once per epoch")

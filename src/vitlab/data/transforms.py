@@ -1,6 +1,9 @@
 """Batch transforms on tensors (not PIL): channel matching, crop/flip augmentation, normalisation, resizing.
 
 These run inside the training loop, so each works on a whole batch at once with no Python loop over samples.
+``match_channels``, ``normalize`` and ``resize_batch`` take any leading dims, so clip batches (B, T, C, H, W) go
+through them as they are; ``random_crop_flip`` takes image batches (B, C, H, W) only (a flip would change a clip's
+motion label).
 
 Channel rule (``match_channels`` and ``match_channels_stats``), for images with C channels fed to a model
 with ``in_chans``:
@@ -113,11 +116,15 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 
 
 def resize_batch(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a float batch (B, C, H, W), antialiased when shrinking; returns ``x`` if the size matches."""
+    """Bilinear resize of a float batch (B, C, H, W) or (B, T, C, H, W) (each frame alike), antialiased when
+    shrinking; returns ``x`` if the size matches."""
     H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if tuple(x.shape[-2:]) == (H, W):
         return x
     if not x.is_floating_point():
         raise TypeError(f"resize_batch expects float images, got dtype {x.dtype}")
     shrink = x.shape[-2] > H or x.shape[-1] > W
+    if x.ndim == 5:  # clips: interpolate the frames as one image batch
+        frames = F.interpolate(x.flatten(0, 1), size=(H, W), mode="bilinear", align_corners=False, antialias=shrink)
+        return frames.unflatten(0, x.shape[:2])
     return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=shrink)

@@ -17,6 +17,20 @@ read from ``$VITLAB_CACHE/synthetic``, default ``~/.cache/vitlab/synthetic``). F
 writes ``DIR/scenes.npz`` (read it back with ``SceneDataset.load``, or ``Scene3DDataset.load`` for a 3-D set),
 ``DIR/preview.png`` (16 scenes: plain and with semantic colours and boxes; for a 3-D set plain, with projected 3-D
 boxes, and depth) and ``DIR/info.json`` (parameters, counts, class names); it calls :func:`make`.
+
+Video generators (``VIDEO_GENERATORS``, kept apart from the scene sets of ``GENERATORS``):
+
+- ``camera_motion_videos``: clips (T, 1, H, W) of a canvas of Fashion-MNIST items filmed by a camera that pans, zooms,
+  rolls or tilts (or stays still) while items may drift; labels: the motion class (``static`` plus five time-reversed
+  pairs, which a frame-averaging model cannot tell apart), the centre item's class, per-frame camera parameters and
+  the centre item's track (:mod:`.camera_motion`; the set is a :class:`VideoClipDataset`, :mod:`.videos`).
+  ``make_dataset("camera_motion_videos", n=1000, frames=8, size=32)``, or::
+
+    vitlab data make camera_motion_videos --out DIR [--n 1000] [--frames 8] [--size 32] [--canvas 96] [--max-items N]
+
+  writes ``DIR/clips.npz`` (``VideoClipDataset.load``), ``DIR/preview.png`` (a frame strip: one clip per motion
+  class as a row, frames as columns), ``DIR/preview.gif`` and ``DIR/info.json``. Clips batch through
+  :class:`vitlab.data.BatchLoader` ``iter_batches`` as normalised float (B, T, C, H, W).
 """
 
 import json
@@ -26,25 +40,34 @@ from pathlib import Path
 from typing import IO, Any
 
 from ._cache import atomic_write, cache_root
+from .camera_motion import MOTION_PAIRS, MOTIONS, generate_camera_motion_videos
 from .fmnist_scenes import GENERATOR_VERSION, FMNISTScenes, generate_fmnist_scenes
 from .fmnist_scenes_3d import FMNISTScenes3D, generate_fmnist_scenes_3d
 from .preview import save_preview
 from .scenes import SceneDataset, masks_to_boxes
 from .scenes3d import Scene3DDataset, save_preview_3d
+from .videos import VideoClipDataset, save_clip_gif, save_clip_strip
 
 __all__ = [
     "GENERATORS",
     "GENERATOR_VERSION",
+    "MOTIONS",
+    "MOTION_PAIRS",
+    "VIDEO_GENERATORS",
     "FMNISTScenes",
     "FMNISTScenes3D",
     "Scene3DDataset",
     "SceneDataset",
+    "VideoClipDataset",
     "cache_root",
+    "generate_camera_motion_videos",
     "generate_fmnist_scenes",
     "generate_fmnist_scenes_3d",
     "make",
     "make_dataset",
     "masks_to_boxes",
+    "save_clip_gif",
+    "save_clip_strip",
     "save_preview",
     "save_preview_3d",
 ]
@@ -53,17 +76,24 @@ GENERATORS: dict[str, Callable[..., SceneDataset]] = {
     "fmnist_scenes": generate_fmnist_scenes,
     "fmnist_scenes_3d": generate_fmnist_scenes_3d,
 }
+# clip sets: not in GENERATORS, whose users (engine.setup) build image scenes with canvas = the model's image size
+VIDEO_GENERATORS: dict[str, Callable[..., VideoClipDataset]] = {
+    "camera_motion_videos": generate_camera_motion_videos,
+}
 
 
-def make_dataset(name: str, split: str = "train", n: int = 1000, seed: int = 0, **kwargs: Any) -> SceneDataset:
-    """Build (or load from the cache) ``n`` scenes of generator ``name``; ``kwargs`` go to the generator.
+def make_dataset(
+    name: str, split: str = "train", n: int = 1000, seed: int = 0, **kwargs: Any
+) -> SceneDataset | VideoClipDataset:
+    """Build (or load from the cache) ``n`` scenes (or clips) of generator ``name``; ``kwargs`` go to the generator.
 
     Raises:
         ValueError: ``name`` is unknown (the message lists the known ones) or an argument is out of range.
     """
-    if name not in GENERATORS:
-        raise ValueError(f"name={name!r} is not a synthetic data generator; expected one of {sorted(GENERATORS)}")
-    return GENERATORS[name](split=split, n=n, seed=seed, **kwargs)
+    generators = {**GENERATORS, **VIDEO_GENERATORS}
+    if name not in generators:
+        raise ValueError(f"name={name!r} is not a synthetic data generator; expected one of {sorted(generators)}")
+    return generators[name](split=split, n=n, seed=seed, **kwargs)
 
 
 def make(
@@ -78,31 +108,35 @@ def make(
     data_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     preview: int = 16,
+    frames: int | None = None,
+    size: int | None = None,
 ) -> Path:
     """Write a synthetic set into folder ``out``: ``scenes.npz``, ``preview.png`` and ``info.json``; return ``out``.
 
     This is ``vitlab data make NAME --out OUT``. The set comes from :func:`make_dataset` (so from the cache when it
     was made before); ``canvas`` and ``max_items`` left at None take the generator's defaults; ``preview`` is the
-    number of scenes the picture shows.
+    number of scenes the picture shows. A video generator (``frames``, ``size``: its clip length and frame side)
+    writes ``clips.npz``, ``preview.png``, ``preview.gif`` and ``info.json`` instead (:func:`_make_videos`).
 
     Raises:
         ValueError: an unknown generator or an argument out of range (checked before anything is written).
     """
     sizes = {k: v for k, v in (("canvas", canvas), ("max_items", max_items)) if v is not None}
+    video = {k: v for k, v in (("frames", frames), ("size", size)) if v is not None}
+    if name in VIDEO_GENERATORS:
+        clips = make_dataset(
+            name, split=split, n=n, seed=seed, data_dir=data_dir, cache_dir=cache_dir, **sizes, **video
+        )
+        return _make_videos(name, clips, Path(out), preview)
+    if video:
+        raise ValueError(
+            f"{' and '.join(video)} apply to the video generators {sorted(VIDEO_GENERATORS)}, not {name!r}"
+        )
     scenes = make_dataset(name, split=split, n=n, seed=seed, data_dir=data_dir, cache_dir=cache_dir, **sizes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "scenes.npz"
-    if scenes.path is not None and scenes.path.is_file():
-        cached = scenes.path
-
-        def copy(f: IO[bytes]) -> None:
-            with cached.open("rb") as src:
-                shutil.copyfileobj(src, f)
-
-        atomic_write(data_path, copy)
-    else:
-        scenes.save(data_path)
+    _copy_or_save(scenes, data_path)
     preview_fn = save_preview_3d if isinstance(scenes, Scene3DDataset) else save_preview
     preview_fn(scenes, out / "preview.png", count=max(1, preview))
     counts = scenes.num_instances()
@@ -126,6 +160,54 @@ def make(
         "mean": list(scenes.mean),
         "std": list(scenes.std),
         "files": {"data": data_path.name, "preview": "preview.png"},
+    }
+    atomic_write(out / "info.json", lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+    return out
+
+
+def _copy_or_save(data: SceneDataset | VideoClipDataset, path: Path) -> None:
+    """Copy the set's cached ``.npz`` to ``path`` (no second compression), or save it there."""
+    if data.path is not None and data.path.is_file():
+        cached = data.path
+
+        def copy(f: IO[bytes]) -> None:
+            with cached.open("rb") as src:
+                shutil.copyfileobj(src, f)
+
+        atomic_write(path, copy)
+    else:
+        data.save(path)
+
+
+def _make_videos(name: str, clips: VideoClipDataset, out: Path, preview: int) -> Path:
+    """:func:`make` for clip sets: ``clips.npz``, ``preview.png`` (frame strip), ``preview.gif``, ``info.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_or_save(clips, out / "clips.npz")
+    rows = max(1, min(preview, len(clips.motion_classes)))  # one clip per motion class
+    save_clip_strip(clips, out / "preview.png", count=rows)
+    save_clip_gif(clips, out / "preview.gif", count=rows)
+    per_motion = clips.motion.bincount(minlength=len(clips.motion_classes)).tolist()
+    per_identity = clips.identity.bincount(minlength=len(clips.identity_classes)).tolist()
+    info = {
+        "generator": name,
+        "params": clips.params,
+        "name": clips.name,
+        "num_clips": len(clips),
+        "num_frames": clips.num_frames,
+        "clips_per_motion": dict(zip(clips.motion_classes, per_motion, strict=True)),
+        "clips_per_identity": dict(zip(clips.identity_classes, per_identity, strict=True)),
+        "classes": clips.classes,
+        "identity_classes": clips.identity_classes,
+        "reverse_of": {
+            c: clips.motion_classes[r] if r >= 0 else None
+            for c, r in zip(clips.motion_classes, clips.reverse_of, strict=True)
+        },
+        "camera_params": clips.camera_params,
+        "img_size": list(clips.img_size),
+        "in_chans": clips.in_chans,
+        "mean": list(clips.mean),
+        "std": list(clips.std),
+        "files": {"data": "clips.npz", "preview": "preview.png", "animation": "preview.gif"},
     }
     atomic_write(out / "info.json", lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
     return out
