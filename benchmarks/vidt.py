@@ -16,6 +16,10 @@ YOLOS-style row is the baseline of the differences.
 
     .venv/bin/python benchmarks/vidt.py            # 6 runs of 630 steps: about 25 minutes on 2 quiet cores
     .venv/bin/python benchmarks/vidt.py --epochs 1 --train-scenes 64 --test-scenes 32 --seeds 0   # a smoke run
+    .venv/bin/python benchmarks/vidt.py --seeds 2 --merge-seeds 0 1 --threads 1   # add seed 2 to the table's 0, 1
+
+``--merge-seeds`` reads the per-seed AP/AP50 of the committed table (as printed there, two decimals) and adds the new
+seeds' to them; the training-time columns keep the earlier seeds' (the new seeds may run beside other jobs).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,7 +61,7 @@ def run_one(label: str, task_args: dict, out: Path, recipe: list[str], seed: int
     cmd += ["--seed", str(seed), "--task-args", json.dumps(task_args), "--backbone-args", json.dumps(SWIN_NANO_HALF)]
     cmd += recipe
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=os.environ | THREADS)
     wall = time.perf_counter() - t0
     summary = json.loads((out / name / "summary.json").read_text())
     return dict(
@@ -70,6 +75,29 @@ def run_one(label: str, task_args: dict, out: Path, recipe: list[str], seed: int
         seed=seed,
         command="vitlab train " + " ".join(cmd[2:]).replace(str(out), "runs"),
     )
+
+
+THREADS: dict[str, str] = {}  # OMP_NUM_THREADS for the training processes (--threads)
+
+
+def _merge_table(rows: list[dict], old_seeds: list[int]) -> None:
+    """Prepend the committed table's per-seed AP/AP50 (seeds ``old_seeds``) to ``rows``; keep its training time."""
+    with open(RESULTS / "vidt.csv", newline="") as f:
+        old = {r["row"]: r for r in csv.DictReader(f)}
+    for row in rows:
+        before = old[row["row"]]
+        for key in ("test_ap", "test_ap50"):
+            values = [float(v) for v in before[f"{key}_per_seed"].split()]
+            if len(values) != len(old_seeds):
+                raise ValueError(
+                    f"vidt.csv holds {len(values)} seeds for {row['row']!r}, not --merge-seeds {old_seeds}"
+                )
+            values += [float(v) for v in row[f"{key}_per_seed"].split()]
+            row[key] = statistics.fmean(values)
+            row[f"{key}_spread"] = (max(values) - min(values)) / 2
+            row[f"{key}_per_seed"] = " ".join(f"{v:.2f}" for v in values)
+        row["new_seed_train_seconds"] = row["train_seconds"]
+        row["train_seconds"] = float(before["train_seconds"])
 
 
 def _merge(runs: list[dict]) -> dict:
@@ -93,7 +121,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--merge-seeds", type=int, nargs="*", default=[], help="seeds the committed table holds")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per training process (0: its default)")
     args = parser.parse_args()
+    if args.threads:
+        THREADS["OMP_NUM_THREADS"] = str(args.threads)
     recipe = ["--dataset", "fmnist_scenes", "--img-size", str(args.img_size), "--epochs", str(args.epochs)]
     recipe += ["--train-subset", str(args.train_scenes), "--test-subset", str(args.test_scenes)]
     recipe += ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--weight-decay", "1e-4"]
@@ -103,6 +135,8 @@ def main() -> None:
             _merge([run_one(label, {**COMMON, **extra}, Path(tmp), recipe, s) for s in args.seeds])
             for label, extra in ROWS.items()
         ]
+    if args.merge_seeds:
+        _merge_table(rows, args.merge_seeds)
     for row, extra in zip(rows, ROWS.values(), strict=True):
         row["gflops"] = gflops({**COMMON, **extra}, args.img_size)
         row["gflops_256"] = gflops({**COMMON, **extra}, 256)
@@ -114,7 +148,13 @@ def main() -> None:
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "machine": machine.get("cpu", ""), "torch": machine.get("torch", "")})
-    seeds = ", ".join(map(str, args.seeds))
+    seeds = ", ".join(map(str, [*args.merge_seeds, *args.seeds]))
+    timing = (
+        f" Training times are those of seeds {', '.join(map(str, args.merge_seeds))} (2 quiet cores); seeds "
+        f"{', '.join(map(str, args.seeds))} ran later with {args.threads or 'default'} thread(s) beside other jobs."
+        if args.merge_seeds
+        else ""
+    )
     lines = [
         "# ViDT ablation on FMNIST-Scenes (object detection)",
         "",
@@ -125,7 +165,7 @@ def main() -> None:
         "refinement, auxiliary losses).",
         f"Recipe: {args.epochs:g} epochs, batch {args.batch_size}, AdamW lr {args.lr:g} (weight decay 1e-4, gradient "
         f"clip 0.1, as the official code), warmup + cosine; seeds {seeds} (each seed draws its own scenes and "
-        "initialisation): AP and AP50 (COCO, percent) are means ± half the range over the seeds.",
+        "initialisation): AP and AP50 (COCO, percent) are means ± half the range over the seeds." + timing,
         "GFLOPs: one image's forward by `torch.utils.flop_counter` (2 per multiply-accumulate; deformable sampling "
         "not counted), at the training size and at 256 px.",
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; torch {machine.get('torch', '?')}. "
