@@ -1,7 +1,8 @@
 """The task-model contract, checked for every registered task on two backbones of different topology.
 
 Each task declares its ``test_backbones`` (one isotropic, one hierarchical) and tiny ``test_kwargs``; backbones
-are built from their own tiny ``test_kwargs``. Everything runs on the task's ``example_batch``.
+are built from their own tiny ``test_kwargs``. Everything runs on the task's ``example_batch``. Video tasks
+(``tasks.video.VideoTaskModel``) take clips ``(B, T, C, H, W)`` where image tasks take ``(B, C, H, W)``.
 """
 
 import json
@@ -22,6 +23,7 @@ from vitlab.tasks import (
     list_tasks,
     register_task,
 )
+from vitlab.tasks.video import VideoTaskModel
 
 CASES = [(name, backbone) for name in list_tasks() for backbone in get_task(name).test_backbones]
 IDS = [f"{name}-{backbone}" for name, backbone in CASES]
@@ -36,6 +38,11 @@ def _build(name: str, backbone: str, **kw) -> TaskModel:
 
 def _batch(model: TaskModel) -> dict:
     return model.example_batch(batch_size=2, generator=torch.Generator().manual_seed(0))
+
+
+def _input_shape(model: TaskModel, batch_size: int = 2) -> tuple[int, ...]:
+    frames = (model.num_frames,) if isinstance(model, VideoTaskModel) else ()
+    return (batch_size, *frames, model.in_chans, model.img_size, model.img_size)
 
 
 def _equal(a, b) -> bool:
@@ -98,7 +105,7 @@ def test_attributes_and_example_batch_schema(name, backbone):
     assert set(model.batch_keys) | set(model.target_keys) <= set(batch)
     image = batch["image"]
     assert image.dtype == torch.float32
-    assert image.shape == (2, model.in_chans, model.img_size, model.img_size)
+    assert image.shape == _input_shape(model)
     again = _batch(model)
     assert all(_equal(batch[k], again[k]) for k in batch)  # deterministic for a seeded generator
 
@@ -211,6 +218,9 @@ def test_torch_export(name, backbone):
 def test_bad_input_is_named(name, backbone):
     model = _build(name, backbone).eval()
     image = _batch(model)["image"]
+    if isinstance(model, VideoTaskModel):
+        _check_bad_clips(model, image)
+        return
     with pytest.raises(ValueError, match=rf"image must be \(B, {model.in_chans}, H, W\)"):
         model(torch.randn(2, model.in_chans + 2, model.img_size, model.img_size))
     with pytest.raises(ValueError, match="image must be"):
@@ -219,6 +229,29 @@ def test_bad_input_is_named(name, backbone):
         model(image.long())
     with pytest.raises(ValueError, match="batch has no 'image'"):
         model({"pixels": image})
+
+
+def _check_bad_clips(model: VideoTaskModel, clips: torch.Tensor) -> None:
+    # the image tasks' checks on clips, plus what only clips can get wrong: length, frame size, broken frames
+    B, T, C, H, W = clips.shape
+    with pytest.raises(ValueError, match=rf"image must be \(B, T, {model.in_chans}, H, W\)"):
+        model(torch.randn(B, T, C + 2, H, W))
+    with pytest.raises(ValueError, match="image must be"):
+        model(clips[0])
+    with pytest.raises(ValueError, match="image must be"):
+        model(clips[:, 0])  # a batch of single frames
+    with pytest.raises(ValueError, match="image must be a normalised float"):
+        model(clips.long())
+    with pytest.raises(ValueError, match="batch has no 'image'"):
+        model({"pixels": clips})
+    with pytest.raises(ValueError, match=f"image must hold {T} frames"):
+        model(torch.cat([clips, clips], 1))
+    with pytest.raises(ValueError, match="image frames must be"):
+        model(torch.randn(B, T, C, H + 4, W + 4))
+    broken = clips.clone()
+    broken[0, -1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model(broken)
 
 
 def test_bad_target_is_named():

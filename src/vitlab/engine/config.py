@@ -60,6 +60,7 @@ class DataConfig:
         "fashion_mnist",
         "fashion_mnist, fashion_mnist_multichannel, synthetic, fmnist_scenes (with --task segmentation), "
         "fmnist_multitask (with --task modular_moe; --train-subset counts per task), "
+        "camera_motion_videos (clips, with --task vivit_fe), "
         "or a folder with train/ and val/ holding one sub-folder per class",
     )
     data_dir: str | None = opt(None, "where the named data set lives (default: its standard place)")

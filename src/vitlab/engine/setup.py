@@ -15,7 +15,7 @@ from ..data.errors import ChannelMismatchError
 from ..data.multichannel import load_fashion_mnist_multichannel
 from ..data.multitask import make_fmnist_multitask
 from ..data.synthetic import GENERATORS as SCENE_SETS
-from ..data.synthetic import make_dataset
+from ..data.synthetic import VIDEO_GENERATORS, make_dataset
 from ..models import create_model, get_variant
 from .config import ModelConfig, RunConfig
 
@@ -77,6 +77,9 @@ def build_datasets(cfg: RunConfig, splits: tuple[str, ...] = ("train", "test")) 
             ds = make_dataset(
                 d.dataset, split=split, n=n, seed=cfg.seed, canvas=model_img_size(cfg), data_dir=d.data_dir
             )
+        elif d.dataset in VIDEO_GENERATORS:  # generated clips (B, T, C, H, W) for video task models, cached
+            n = subset or (2_000 if split == "train" else 500)
+            ds = make_dataset(d.dataset, split=split, n=n, seed=cfg.seed, size=model_img_size(cfg), data_dir=d.data_dir)
         elif d.dataset == "fmnist_multitask":  # heterogeneous tasks, one per batch (data/multitask.py)
             n = subset or (3_000 if split == "train" else 500)
             ds = make_fmnist_multitask(split, n=n, seed=cfg.seed, canvas=model_img_size(cfg), data_dir=d.data_dir)

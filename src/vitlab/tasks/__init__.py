@@ -5,7 +5,7 @@
 this package registers every task model.
 """
 
-from . import detection, multitask, segmentation
+from . import detection, multitask, segmentation, video
 from ._backbone import BackbonePyramid, create_backbone, feature_dicts
 from ._registry import TASKS, UnknownTaskError, create_task_model, get_task, list_tasks, register_task
 from .base import TaskModel, TaskSpec
@@ -25,4 +25,5 @@ __all__ = [
     "multitask",
     "register_task",
     "segmentation",
+    "video",
 ]
