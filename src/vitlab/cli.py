@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        if "test_top1" in s:
+        if "test_top1" in s and "test_top5" in s:  # a classifier (task models report their own keys)
             scores = f"test top-1 {s['test_top1']:.2f}%  top-5 {s['test_top5']:.2f}%"
         else:
             scores = f"test {s['primary_metric']} {s['test_' + s['primary_metric']]:.2f}"
