@@ -1,0 +1,289 @@
+"""The ViViT training recipe of paper 33 (arXiv:2306.04822) on camera-motion videos: full fine-tuning against a
+frozen spatial encoder with a random temporal transformer, with the token adapter, with the adapter and the temporal
+transformer initialised from the spatial encoder's last blocks, and an order-blind frame-averaging control.
+
+Every row starts from the same pretrained spatial encoder (``runs/compression/host_vit_micro_s0``: vit_micro_patch4_28
+trained on Fashion-MNIST, its classifier head dropped) and trains the same steps on the same batches of
+``camera_motion_videos`` (8 frames of 28 px, label "motion", 11 classes: static and five time-reversed pairs).
+Columns: top-1 on the test clips; the reversal-pair accuracy (test clips of the ten paired classes: how often the true
+class outscores its time-reversed partner; chance 50%); training seconds per epoch; peak training memory, the most
+bytes of tensors alive at once during one training step (forward, backward, AdamW step; ``bench/memory.py``'s
+``LiveTensorBytes`` with autograd on, weights and the input batch not counted, gradients and optimiser state counted);
+trainable parameters. Writes ``benchmarks/results/vivit_recipe.{csv,md,png}``, rewritten after every row.
+
+    .venv/bin/python benchmarks/vivit_recipe.py --threads 2 --epochs 6   # 1 seed, 6 rows, about 18 min on 2 quiet cores
+    .venv/bin/python benchmarks/vivit_recipe.py --n 64 --test-n 32 --epochs 0.2 --out /tmp/vr   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vitlab.bench import describe_machine
+from vitlab.bench.memory import LiveTensorBytes
+from vitlab.data.loader import BatchLoader
+from vitlab.data.synthetic import make_dataset
+from vitlab.engine.inference import load_trained
+from vitlab.tasks import create_task_model
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+HOST = ROOT / "runs" / "compression" / "host_vit_micro_s0"
+BACKBONE = "vit_micro_patch4_28"
+FULL = "full fine-tuning (spatial trained, temporal random)"
+ROWS = {
+    FULL: {},
+    "full fine-tuning, lr 3e-4 (a second learning rate)": {"lr": 3e-4},
+    "frozen spatial + random temporal": {"freeze_spatial": True},
+    "frozen + adapter": {"freeze_spatial": True, "adapter": True},
+    "frozen + adapter + temporal init from spatial": {"freeze_spatial": True, "adapter": True,
+                                                      "temporal_init": "spatial"},
+    "control: frozen, frame averaging (temporal_depth 0)": {"freeze_spatial": True, "temporal_depth": 0},
+}  # fmt: skip
+COLUMNS = ("top1", "pair_acc", "epoch_s", "peak_mb", "trainable_m", "time_ratio", "mem_ratio", "top1_diff")
+
+
+def build(kw: dict, args, host_state: dict[str, torch.Tensor], seed: int):
+    """A vivit_fe model with the pretrained spatial encoder loaded (and copied into the temporal blocks if asked)."""
+    kw = {k: v for k, v in kw.items() if k != "lr"}
+    torch.manual_seed(seed)
+    model = create_task_model(
+        "vivit_fe", BACKBONE, img_size=args.img, num_frames=args.frames, **{"temporal_depth": args.temporal_depth, **kw}
+    )
+    model.spatial.backbone.load_state_dict(host_state, strict=True)
+    assert torch.equal(model.spatial.backbone.patch_embed.proj.weight, host_state["patch_embed.proj.weight"])
+    if kw.get("temporal_init") == "spatial":  # the copy made at construction was of the random encoder: redo it
+        blocks = model.spatial.backbone.blocks
+        for src, dst in zip(blocks[-len(model.temporal.blocks) :], model.temporal.blocks, strict=True):
+            dst.load_state_dict(src.state_dict())
+        last = f"blocks.{len(blocks) - 1}.attn.qkv.weight"
+        assert torch.equal(model.temporal.blocks[-1].attn.qkv.weight, host_state[last])
+    return model
+
+
+def peak_train_mb(model, batch: dict, lr: float) -> float:
+    """Most MB of tensors alive at once in one training step (forward, backward, AdamW step) of a copy of ``model``."""
+    model = copy.deepcopy(model).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    with LiveTensorBytes() as mode:
+        loss = model.loss(model(batch["image"]), batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        del loss
+    return mode.peak / 2**20
+
+
+def train(model, data, epochs: float, lr: float, batch: int, seed: int) -> float:
+    """AdamW + warmup/cosine over the loader's batches; returns the wall time (s)."""
+    loader = BatchLoader(data, batch, shuffle=True, seed=seed)
+    total = max(1, round(epochs * len(loader)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    warm = max(1, total // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    model.train()
+    t0, step, epoch = time.perf_counter(), 0, 0
+    while step < total:
+        for b in loader.iter_batches(epoch):
+            loss = model.loss(model(b["image"]), b)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step >= total:
+                break
+        epoch += 1
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def evaluate(model, data, batch: int = 100) -> tuple[float, float]:
+    """Top-1 (%) and the reversal-pair accuracy (%): on clips of paired classes, true logit > its reverse's."""
+    model.eval()
+    reverse = torch.tensor(data.reverse_of)
+    correct = total = pair_right = pair_total = 0
+    for b in BatchLoader(data, batch, shuffle=False).iter_batches(0):
+        logits, y = model(b["image"]), b["motion"]
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+        partner = reverse[y]
+        paired = (partner >= 0) & (partner != y)
+        rows = torch.arange(len(y))[paired]
+        pair_right += int((logits[rows, y[paired]] > logits[rows, partner[paired]]).sum())
+        pair_total += int(paired.sum())
+    return 100 * correct / total, 100 * pair_right / max(1, pair_total)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1500, help="training clips")
+    ap.add_argument("--test-n", type=int, default=500, help="test clips")
+    ap.add_argument("--img", type=int, default=28)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--temporal-depth", type=int, default=2)
+    ap.add_argument("--epochs", type=float, default=5)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--rows", nargs="+", default=[], help="run only the rows whose label holds one of these; the "
+                    "other rows come from the existing CSV")  # fmt: skip
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    host, meta, _ = load_trained(HOST)
+    if meta["model"] != BACKBONE or meta["img_size"] != args.img:
+        raise SystemExit(f"{HOST} holds {meta['model']} at {meta['img_size']} px; expected {BACKBONE} at {args.img}")
+    host_state = {k: v for k, v in host.state_dict().items() if not k.startswith("head.")}
+    rows = read_csv(args.out / "vivit_recipe.csv") if args.rows else {}
+    for seed in args.seeds:
+        kw = {"seed": seed, "frames": args.frames, "size": args.img}
+        train_set = make_dataset("camera_motion_videos", split="train", n=args.n, **kw)
+        test_set = make_dataset("camera_motion_videos", split="test", n=args.test_n, **kw)
+        test_set.mean, test_set.std = train_set.mean, train_set.std
+        probe = next(iter(BatchLoader(train_set, args.batch, shuffle=True, seed=seed).iter_batches(0)))
+        for label, task_kw in ROWS.items():
+            if args.rows and not any(r in label for r in args.rows):
+                continue
+            lr = task_kw.get("lr", args.lr)
+            model = build(task_kw, args, host_state, seed)
+            peak = peak_train_mb(model, probe, lr)
+            secs = train(model, train_set, args.epochs, lr, args.batch, seed)
+            top1, pair = evaluate(model, test_set)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+            row = {"seed": seed, "top1": top1, "pair_acc": pair, "epoch_s": secs / args.epochs, "peak_mb": peak,
+                   "trainable_m": trainable}  # fmt: skip
+            rows.setdefault(label, [])
+            rows[label] = [r for r in rows[label] if r["seed"] != seed] + [row]
+            add_ratios(rows)
+            print(f"seed {seed} {label}: " + ", ".join(f"{k}={row.get(k)}" for k in COLUMNS), flush=True)
+            write(rows, args)
+
+
+def read_csv(path: Path) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    if path.exists():
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                row = {"seed": int(r["seed"])} | {k: float(r[k]) for k in COLUMNS[:5]}
+                rows.setdefault(r["row"], []).append(row)
+    return rows
+
+
+def add_ratios(rows: dict[str, list[dict]]) -> None:
+    """Time, memory and top-1 against the best full fine-tuning row of the same seed (the harder target)."""
+    for runs in rows.values():
+        for row in runs:
+            fulls = [
+                r for label, rs in rows.items() if label.startswith("full") for r in rs if r["seed"] == row["seed"]
+            ]
+            if fulls:
+                full = max(fulls, key=lambda r: r["top1"])
+                row |= {"time_ratio": row["epoch_s"] / full["epoch_s"], "mem_ratio": row["peak_mb"] / full["peak_mb"],
+                        "top1_diff": row["top1"] - full["top1"]}  # fmt: skip
+
+
+def _cell(values: list, digits: int = 1, sign: bool = False) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    m = statistics.fmean(values)
+    text = f"{m:+.{digits}f}" if sign else f"{m:.{digits}f}"
+    return text if len(values) == 1 else f"{text} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def write(rows: dict[str, list[dict]], args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "vivit_recipe.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "seed", *COLUMNS])
+        for label, runs in rows.items():
+            for r in runs:
+                w.writerow([label, r["seed"], *(r.get(k) for k in COLUMNS)])
+    order = {label: i for i, label in enumerate(ROWS)}
+    rows = dict(sorted(rows.items(), key=lambda item: order.get(item[0], len(order))))
+    seeds = sorted({r["seed"] for runs in rows.values() for r in runs})
+    machine = describe_machine()
+    lines = [
+        "# ViViT factorised encoder: the frozen-spatial training recipe (paper 33) on camera-motion videos",
+        "",
+        f"Timings on {args.threads} quiet cores ({args.threads} torch threads, no other job on the machine). "
+        f"Data: `camera_motion_videos`, {args.n} training / {args.test_n} test clips of {args.frames} frames at "
+        f"{args.img} px, label `motion` (11 classes: static + 5 time-reversed pairs; chance 9.1% top-1, 50% on the "
+        f"pair distinction). Model `vivit_fe`: spatial encoder `{BACKBONE}` (128 wide, 12 blocks) pretrained on "
+        f"Fashion-MNIST (`runs/compression/host_vit_micro_s0`, 81% top-1; head dropped), CLS token per frame, "
+        f"temporal transformer of {args.temporal_depth} blocks (128 wide). Every row: same pretrained encoder, same "
+        f"batches, {args.epochs:g} epochs, batch {args.batch}, AdamW lr {args.lr} (wd 0.05, warmup 10% + cosine, "
+        f"clip 1). Seeds {seeds}" + (" (one seed: differences of a few points may be noise)" if len(seeds) == 1
+                                     else ": mean ± half the range") + ". "
+        "Pair acc.: on test clips of the ten paired classes, how often the true class's logit beats its time "
+        "reversal's. Peak memory: most MB of tensors alive at once in one training step (forward, backward, AdamW "
+        "step) measured with `bench/memory.py`'s `LiveTensorBytes` (weights and input not counted; activations, "
+        "gradients and optimiser state counted). Ratios and differences are to the full fine-tuning row of higher "
+        "top-1 (same seed). Machine: "
+        + ", ".join(f"{k}={v}" for k, v in machine.items())
+        + f". Command: `python benchmarks/vivit_recipe.py {' '.join(sys.argv[1:])}`.",
+        "",
+        "| row | top-1 % | pair acc. % | train s/epoch | peak train MB | trainable M | time / full | memory / full "
+        "| top-1 - full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    digits = {"trainable_m": 3, "time_ratio": 2, "mem_ratio": 2}
+    for label, runs in rows.items():
+        cells = [_cell([r.get(k) for r in runs], digits.get(k, 1), sign=k == "top1_diff") for k in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    path = args.out / "vivit_recipe.md"
+    reading = _reading(path)
+    (path).write_text("\n".join(lines) + "\n" + reading)
+    plot(rows, args.out / "vivit_recipe.png")
+
+
+def _reading(path: Path) -> str:
+    """Keep a hand-written "## Reading" section of an earlier markdown when the table is rewritten."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    i = text.find("\n## Reading")
+    return text[i:] if i >= 0 else ""
+
+
+def plot(rows: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(rows)
+    short = [label.split(" (")[0].replace("control: ", "") for label in labels]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, key, title in zip(
+        axes, ("top1", "epoch_s", "peak_mb"), ("test top-1 %", "train s / epoch", "peak train MB"), strict=True
+    ):
+        means = [statistics.fmean(r[key] for r in rows[label]) for label in labels]
+        ax.barh(range(len(labels)), means, color=["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red"])
+        ax.set_yticks(range(len(labels)), short if ax is axes[0] else [""] * len(labels), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        for i, m in enumerate(means):
+            ax.text(m, i, f" {m:.1f}", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
