@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from task_fit import train  # the shared loop (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.data.loader import BatchLoader
 from vitlab.data.multitask import MULTITASK_TASKS, MultiTaskDataset, make_fmnist_multitask
@@ -36,33 +35,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BACKBONE = "vit_nano_patch4_28"
 TASKS = ("fashion", "scenes", "count")
 HELD_OUT = "largest"
-
-
-def train(model, data: MultiTaskDataset, epochs: float, lr: float, batch: int, seed: int, steps: int = 0) -> float:
-    """AdamW + warmup/cosine over the loader's batches; returns the wall time (s)."""
-    loader = BatchLoader(data, batch, shuffle=True, seed=seed)
-    total = steps or max(1, round(epochs * len(loader)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    warm = max(1, total // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
-    model.train()
-    t0, step, epoch = time.perf_counter(), 0, 0
-    while step < total:
-        for b in loader.iter_batches(epoch):
-            loss = model.loss(model(b["image"], **model.forward_kwargs(b)), b)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if step >= total:
-                break
-        epoch += 1
-    return time.perf_counter() - t0
 
 
 @torch.no_grad()

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from task_fit import train  # the shared loop (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.bench.memory import LiveTensorBytes
 from vitlab.data.loader import BatchLoader
@@ -36,6 +35,7 @@ from vitlab.engine.inference import load_trained
 from vitlab.tasks import create_task_model
 
 ROOT = Path(__file__).resolve().parent.parent
+
 RESULTS = ROOT / "benchmarks" / "results"
 HOST = ROOT / "runs" / "compression" / "host_vit_micro_s0"
 BACKBONE = "vit_micro_patch4_28"
@@ -81,33 +81,6 @@ def peak_train_mb(model, batch: dict, lr: float) -> float:
         optimizer.step()
         del loss
     return mode.peak / 2**20
-
-
-def train(model, data, epochs: float, lr: float, batch: int, seed: int) -> float:
-    """AdamW + warmup/cosine over the loader's batches; returns the wall time (s)."""
-    loader = BatchLoader(data, batch, shuffle=True, seed=seed)
-    total = max(1, round(epochs * len(loader)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    warm = max(1, total // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
-    model.train()
-    t0, step, epoch = time.perf_counter(), 0, 0
-    while step < total:
-        for b in loader.iter_batches(epoch):
-            loss = model.loss(model(b["image"]), b)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if step >= total:
-                break
-        epoch += 1
-    return time.perf_counter() - t0
 
 
 @torch.no_grad()

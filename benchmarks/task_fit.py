@@ -1,0 +1,39 @@
+"""The small training loop the task-model benchmark scripts share (``modular_moe.py``, ``vivit_recipe.py``): AdamW
+with linear warmup and cosine decay over ``BatchLoader`` dict batches, gradient clipping at 1, the model's own loss
+(and ``forward_kwargs``, so multi-task models see their batch's tasks). Not a script; the siblings import it."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from vitlab.data.loader import BatchLoader
+
+
+def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: int = 0) -> float:
+    """Train ``model`` on ``data`` for ``steps`` (else ``epochs`` of batches); returns the wall time (s)."""
+    loader = BatchLoader(data, batch, shuffle=True, seed=seed)
+    total = steps or max(1, round(epochs * len(loader)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    warm = max(1, total // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    model.train()
+    t0, step, epoch = time.perf_counter(), 0, 0
+    while step < total:
+        for b in loader.iter_batches(epoch):
+            loss = model.loss(model(b["image"], **model.forward_kwargs(b)), b)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step >= total:
+                break
+        epoch += 1
+    return time.perf_counter() - t0
