@@ -73,7 +73,7 @@ def draw_detections(
 
 
 def draw_tasks(image: torch.Tensor, preds: dict[str, torch.Tensor], tasks: list) -> Image.Image:
-    """A multi-task model's answers: each map task's overlay (``overlay_semantic``), class answers written below."""
+    """A multi-task model's answers: the first map task's overlay (``overlay_semantic``), class answers below."""
     classes = {name: k for name, _, k in tasks}
     maps = [overlay_semantic(image, p, classes.get(n, int(p.max()) + 1)) for n, p in preds.items() if p.ndim == 2]
     panel = maps[0] if maps else Image.fromarray(_rgb(image).clip(0, 255).astype(np.uint8))
