@@ -13,6 +13,47 @@ __all__ += ["HierarchicalBackbone", "IsotropicBackbone"]
 from .block import ConvDownsample, Grid, MetaBlock, Stage, map_to_tokens, tokens_to_map
 
 __all__ += ["ConvDownsample", "Grid", "MetaBlock", "Stage", "map_to_tokens", "tokens_to_map"]
+from .camera import CameraError, Cameras, camera_rays, look_at, plucker
+
+__all__ += ["CameraError", "Cameras", "camera_rays", "look_at", "plucker"]
+from .camera_attention import (
+    CameraAttentionAdapter,
+    CameraSelfAttention,
+    patch_rope_angles,
+    prope_attention,
+    prope_transforms,
+    ray_rope_angles,
+    relative_ray_transforms,
+    tokens_from_views,
+)
+
+__all__ += [
+    "CameraAttentionAdapter",
+    "CameraSelfAttention",
+    "patch_rope_angles",
+    "prope_attention",
+    "prope_transforms",
+    "ray_rope_angles",
+    "relative_ray_transforms",
+    "tokens_from_views",
+]
+from .camera_embed import (
+    FourierRayEmbed,
+    PluckerEmbed,
+    RayConv,
+    absolute_orientation_map,
+    fourier_ray_features,
+    plucker_embed,
+)
+
+__all__ += [
+    "FourierRayEmbed",
+    "PluckerEmbed",
+    "RayConv",
+    "absolute_orientation_map",
+    "fourier_ray_features",
+    "plucker_embed",
+]
 from .compression import GDN, AnalysisTransform, compressai_encoder_state_dict
 
 __all__ += ["GDN", "AnalysisTransform", "compressai_encoder_state_dict"]

@@ -31,6 +31,18 @@ Video generators (``VIDEO_GENERATORS``, kept apart from the scene sets of ``GENE
   writes ``DIR/clips.npz`` (``VideoClipDataset.load``), ``DIR/preview.png`` (a frame strip: one clip per motion
   class as a row, frames as columns), ``DIR/preview.gif`` and ``DIR/info.json``. Clips batch through
   :class:`vitlab.data.BatchLoader` ``iter_batches`` as normalised float (B, T, C, H, W).
+
+Multi-view generators (``MULTIVIEW_GENERATORS``):
+
+- ``render3d``: textured boxes on a textured ground inside four walls, ray-cast into V calibrated views (varied focal
+  length, optional roll and lens distortion): RGB, z-depth, pointmaps (world and camera frame), normals, rays and
+  object ids per view, with ``K`` and ``cam_to_world`` (:mod:`.render3d`, :mod:`.render3d_sets`; the camera
+  convention is :mod:`vitlab.layers.camera`'s). ``make_dataset("render3d", n=1000, views=2, size=64)``, or::
+
+    vitlab data make render3d --out DIR [--n 1000] [--views 2] [--size 64] [--max-items 4]
+
+  writes ``DIR/render3d.npz`` (``Render3DDataset.load``), ``DIR/preview.png`` (rows RGB / depth / normals) and
+  ``DIR/info.json``.
 """
 
 import json
@@ -44,6 +56,7 @@ from .camera_motion import MOTION_PAIRS, MOTIONS, generate_camera_motion_videos
 from .fmnist_scenes import GENERATOR_VERSION, FMNISTScenes, generate_fmnist_scenes
 from .fmnist_scenes_3d import FMNISTScenes3D, generate_fmnist_scenes_3d
 from .preview import save_preview
+from .render3d_sets import Render3DDataset, generate_render3d, make_render3d
 from .scenes import SceneDataset, masks_to_boxes
 from .scenes3d import Scene3DDataset, save_preview_3d
 from .videos import VideoClipDataset, save_clip_gif, save_clip_strip
@@ -53,9 +66,11 @@ __all__ = [
     "GENERATOR_VERSION",
     "MOTIONS",
     "MOTION_PAIRS",
+    "MULTIVIEW_GENERATORS",
     "VIDEO_GENERATORS",
     "FMNISTScenes",
     "FMNISTScenes3D",
+    "Render3DDataset",
     "Scene3DDataset",
     "SceneDataset",
     "VideoClipDataset",
@@ -63,6 +78,7 @@ __all__ = [
     "generate_camera_motion_videos",
     "generate_fmnist_scenes",
     "generate_fmnist_scenes_3d",
+    "generate_render3d",
     "make",
     "make_dataset",
     "masks_to_boxes",
@@ -81,16 +97,19 @@ VIDEO_GENERATORS: dict[str, Callable[..., VideoClipDataset]] = {
     "camera_motion_videos": generate_camera_motion_videos,
 }
 
+# multi-view sets of calibrated views (dicts with `views` (V, 3, H, W), depth, pointmaps, cameras; .render3d_sets)
+MULTIVIEW_GENERATORS: dict[str, Callable[..., Render3DDataset]] = {"render3d": generate_render3d}
+
 
 def make_dataset(
     name: str, split: str = "train", n: int = 1000, seed: int = 0, **kwargs: Any
-) -> SceneDataset | VideoClipDataset:
+) -> SceneDataset | VideoClipDataset | Render3DDataset:
     """Build (or load from the cache) ``n`` scenes (or clips) of generator ``name``; ``kwargs`` go to the generator.
 
     Raises:
         ValueError: ``name`` is unknown (the message lists the known ones) or an argument is out of range.
     """
-    generators = {**GENERATORS, **VIDEO_GENERATORS}
+    generators = {**GENERATORS, **VIDEO_GENERATORS, **MULTIVIEW_GENERATORS}
     if name not in generators:
         raise ValueError(f"name={name!r} is not a synthetic data generator; expected one of {sorted(generators)}")
     return generators[name](split=split, n=n, seed=seed, **kwargs)
@@ -110,6 +129,7 @@ def make(
     preview: int = 16,
     frames: int | None = None,
     size: int | None = None,
+    views: int | None = None,
 ) -> Path:
     """Write a synthetic set into folder ``out``: ``scenes.npz``, ``preview.png`` and ``info.json``; return ``out``.
 
@@ -121,6 +141,14 @@ def make(
     Raises:
         ValueError: an unknown generator or an argument out of range (checked before anything is written).
     """
+    if name in MULTIVIEW_GENERATORS:  # render3d: --size, --views, --max-items (boxes); writes render3d.npz
+        if canvas is not None or frames is not None:
+            raise ValueError(f"canvas and frames do not apply to {name!r}; it takes size, views and max_items")
+        given = {"size": size, "views": views, "max_boxes": max_items, "data_dir": data_dir, "cache_dir": cache_dir}
+        kw = {k: v for k, v in given.items() if v is not None}
+        return make_render3d(out, preview=max(1, min(preview, 4)), split=split, n=n, seed=seed, **kw)
+    if views is not None:
+        raise ValueError(f"views applies to the multi-view generators {sorted(MULTIVIEW_GENERATORS)}, not {name!r}")
     sizes = {k: v for k, v in (("canvas", canvas), ("max_items", max_items)) if v is not None}
     video = {k: v for k, v in (("frames", frames), ("size", size)) if v is not None}
     if name in VIDEO_GENERATORS:
