@@ -12,9 +12,12 @@ import torch
 from vitlab.data.loader import BatchLoader
 
 
-def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: int = 0) -> float:
-    """Train ``model`` on ``data`` for ``steps`` (else ``epochs`` of batches); returns the wall time (s)."""
-    loader = BatchLoader(data, batch, shuffle=True, seed=seed)
+def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: int = 0, loader=None) -> float:
+    """Train ``model`` on ``data`` for ``steps`` (else ``epochs`` of batches); returns the wall time (s).
+
+    ``loader`` (anything with ``len`` and ``iter_batches(epoch)``) replaces the shuffled ``BatchLoader`` of ``data``.
+    """
+    loader = loader or BatchLoader(data, batch, shuffle=True, seed=seed)
     total = steps or max(1, round(epochs * len(loader)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)

@@ -4,8 +4,8 @@
   frames folded into the batch; returns each frame's normed tokens, pooled (prefix/CLS token or patch mean) or
   patch tokens only. ``frozen=True`` freezes it, keeps it in eval mode and runs it without autograd, which is
   where a frozen spatial encoder saves its time and memory.
-- ``TokenAdapter``: a few learned queries cross-attend over one frame's patch tokens; their mean, projected to the
-  frame width, is added to the frame embedding (the "compact adapter" of paper 33, reconstructed: see
+- ``TokenAdapter``: a few learned queries cross-attend over one frame's patch tokens; their outputs, concatenated
+  and projected to the frame width, are added to the frame embedding (the "compact adapter" of paper 33, reconstructed: see
   ``vivit.py``).
 - ``TemporalTransformer``: projection to its own width, a CLS token, a learned temporal position embedding and
   pre-norm transformer blocks over the T frame embeddings -> the clip embedding; depth 0 averages the frames
@@ -107,7 +107,8 @@ class TokenAdapter(nn.Module):
     """``queries`` learned queries attend over one frame's patch tokens ``(M, N, dim)`` -> a ``(M, dim)`` update.
 
     Keys and values are projected to ``adapter_dim`` (default ``dim // 2``), the attention has ``heads`` heads,
-    the queries' outputs are averaged and projected back to ``dim``.
+    the queries' outputs are concatenated and projected back to ``dim``: each query keeps its own region (a mean
+    over the queries would blur where in the frame the content is, which is what camera motion changes).
     """
 
     def __init__(self, dim: int, queries: int = 4, adapter_dim: int | None = None, heads: int = 1) -> None:
@@ -119,7 +120,7 @@ class TokenAdapter(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.queries = nn.Parameter(torch.zeros(queries, a))
         self.kv = nn.Linear(dim, 2 * a)
-        self.proj = nn.Linear(a, dim)
+        self.proj = nn.Linear(queries * a, dim)
         trunc_normal_(self.queries, std=0.02)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
@@ -129,7 +130,7 @@ class TokenAdapter(nn.Module):
         k, v = self.kv(self.norm(patches)).view(M, N, 2, h, a // h).permute(2, 0, 3, 1, 4)  # (M, h, N, a/h) each
         q = self.queries.view(Q, h, a // h).transpose(0, 1).expand(M, h, Q, a // h)
         out = F.scaled_dot_product_attention(q, k, v)  # (M, h, Q, a/h)
-        return self.proj(out.transpose(1, 2).reshape(M, Q, a).mean(1))
+        return self.proj(out.transpose(1, 2).reshape(M, Q * a))
 
 
 class TemporalTransformer(nn.Module):

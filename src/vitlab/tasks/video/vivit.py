@@ -111,7 +111,10 @@ class VivitFE(ClipClassifier):
 
     def forward_frame_embeddings(self, image: torch.Tensor) -> torch.Tensor:
         """Clips -> frame embeddings ``(B, T, D)`` (the spatial encoder's, plus the adapter's update)."""
-        tokens = self.spatial(image)  # (B, T, P + N, D)
+        return self.frames_from_tokens(self.spatial(image))
+
+    def frames_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The spatial encoder's tokens ``(B, T, P + N, D)`` -> frame embeddings ``(B, T, D)`` (pooled + adapter)."""
         frames = self.spatial.pool(tokens)
         if self.adapter is not None:
             B, T = tokens.shape[:2]
