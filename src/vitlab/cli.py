@@ -203,6 +203,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for path in predict_dense(args.images, args.checkpoint, args.out, device=args.device):
             print(f"wrote {path}")
         return 0
+    if not args.images:
+        raise ValueError("vitlab predict: images: give at least one image file for a classification run")
     for p in predict(args.images, args.checkpoint, topk=args.topk, device=args.device):
         print(p.path + ": " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
     return 0
@@ -389,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", help="evaluate on these input channels only, e.g. 0,2 (ChannelViT; others: zeroed)")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-k classes for image files")
-    p.add_argument("images", nargs="+", help="image files")
+    p = sub.add_parser("predict", help="top-k classes for image files (task models: overlays; generators: samples)")
+    p.add_argument("images", nargs="*", help="image files (none for a generative run: it writes a sample grid)")
     p.add_argument("--checkpoint", required=True, help="run directory or .safetensors checkpoint")
     p.add_argument("--topk", type=int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

@@ -2,12 +2,15 @@
 
 Segmentation runs get their class colours blended over the image; detection runs (outputs with ``"boxes"``) get
 their boxes drawn, each in its class colour with its class index; multi-task runs their map task's overlay with
-the class answers (task: class index) written below.
+the class answers (task: class index) written below. Generative runs (models with ``sample``) write one grid of
+samples instead, a row per class (``sample_grid``); the image arguments are not read for them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +19,7 @@ from PIL import Image, ImageDraw
 from ..data import load_image, match_channels, normalize, resize_batch
 from .inference import load_trained
 
-__all__ = ["draw_detections", "draw_tasks", "overlay_semantic", "predict_dense"]
+__all__ = ["draw_detections", "draw_tasks", "overlay_semantic", "predict_dense", "sample_grid"]
 
 
 def _rgb(image: torch.Tensor) -> np.ndarray:
@@ -85,6 +88,22 @@ def draw_tasks(image: torch.Tensor, preds: dict[str, torch.Tensor], tasks: list)
 
 
 @torch.inference_mode()
+def sample_grid(model: Any, mean: Sequence[float], std: Sequence[float], per_class: int = 8,
+                steps: int = 20, cfg: float = 1.0, seed: int = 0) -> Image.Image:  # fmt: skip
+    """A generative task model's samples (``model.sample``), one row per class (one unconditional row without
+    classes), de-normalised with the data set's ``mean``/``std``; deterministic for ``seed``."""
+    from torchvision.utils import make_grid
+
+    classes = model.num_classes if getattr(model, "class_cond", False) else 0
+    labels = torch.arange(classes).repeat_interleave(per_class) if classes else None
+    n = classes * per_class or per_class
+    x = model.sample(n, labels, steps=steps, cfg=cfg if classes else 1.0, generator=torch.Generator().manual_seed(seed))
+    m, s = (torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1)[:, : x.shape[1]] for v in (mean, std))
+    grid = make_grid((x.cpu() * s + m).clamp(0, 1), nrow=per_class, padding=1, pad_value=1.0)
+    return Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+@torch.inference_mode()
 def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | Path | None = None,
                   device: str = "cpu") -> list[Path]:  # fmt: skip
     """Write ``<out>/<image stem>.png`` (input | prediction overlay or boxes) per image; returns the written paths."""
@@ -92,6 +111,12 @@ def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | P
     out_dir = Path(out) if out is not None else (run / "predict" if run else Path("predict"))
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = next(model.parameters()).device
+    if hasattr(model, "sample"):  # a generator: one grid of samples (a row per class); the images are not read
+        target = out_dir / "samples.png"
+        sample_grid(model, meta["mean"], meta["std"]).save(target)
+        return [target]
+    if not images:
+        raise ValueError(f"images: give at least one image file for the {meta.get('task')!r} run {checkpoint}")
     written = []
     for path in images:
         raw = load_image(path, in_chans=meta["in_chans"], img_size=meta["img_size"])

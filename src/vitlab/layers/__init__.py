@@ -149,3 +149,22 @@ __all__ += ["WindowAttention", "shifted_window_mask", "window_partition", "windo
 # the fast paths register themselves; entries for one class are tried in this order (mamba_ssm's CUDA scan,
 # then the compiled CPU scan, then the chunked one)
 from .fast import mamba, onednn, scan  # noqa: F401
+from .dit import (
+    AdaLNZeroBlock,
+    DiTOutputLayer,
+    LabelEmbedder,
+    TimestepEmbedder,
+    modulate,
+    timestep_embedding,
+    unpatchify,
+)
+
+__all__ += [
+    "AdaLNZeroBlock",
+    "DiTOutputLayer",
+    "LabelEmbedder",
+    "TimestepEmbedder",
+    "modulate",
+    "timestep_embedding",
+    "unpatchify",
+]

@@ -5,7 +5,7 @@
 this package registers every task model.
 """
 
-from . import detection, multitask, segmentation, video
+from . import detection, generative, multitask, segmentation, video
 from ._backbone import BackbonePyramid, create_backbone, feature_dicts
 from ._registry import TASKS, UnknownTaskError, create_task_model, get_task, list_tasks, register_task
 from .base import TaskModel, TaskSpec
@@ -20,6 +20,7 @@ __all__ = [
     "create_task_model",
     "detection",
     "feature_dicts",
+    "generative",
     "get_task",
     "list_tasks",
     "multitask",

@@ -1,0 +1,8 @@
+"""Generative task models: ``flow``: ``flow_dit``, a small DiT trained by flow matching (issue 19's shared trainer).
+
+Later generative components (adapters on this DiT) build on ``FlowDiT``; its adaLN-Zero blocks are ``model.blocks``.
+"""
+
+from .flow import FlowDiT
+
+__all__ = ["FlowDiT"]
