@@ -140,6 +140,9 @@ __all__ += ["SpectralGating", "global_filter", "resample_spectral_filter"]
 from .strip_attention import StripAttention
 
 __all__ += ["StripAttention"]
+from .temporal import DepthwiseTemporalConv, InflatedPatchConv, TemporalConvBlock
+
+__all__ += ["DepthwiseTemporalConv", "InflatedPatchConv", "TemporalConvBlock"]
 from .tracing import is_fx_tracing
 
 __all__ += ["is_fx_tracing"]

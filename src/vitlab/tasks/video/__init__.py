@@ -6,6 +6,7 @@ ViT -> video parts (per-frame encoder, token adapter, temporal transformer); ``v
 
 from .base import LABEL_CLASSES, ClipClassifier, VideoTaskModel
 from .frames import FrameEncoder, TemporalTransformer, TokenAdapter
+from .uniformerv2 import UniFormerV2
 from .vivit import VivitFE
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "FrameEncoder",
     "TemporalTransformer",
     "TokenAdapter",
+    "UniFormerV2",
     "VideoTaskModel",
     "VivitFE",
 ]
