@@ -53,6 +53,7 @@ from typing import IO, Any
 
 from ._cache import atomic_write, cache_root
 from .camera_motion import MOTION_PAIRS, MOTIONS, generate_camera_motion_videos
+from .camera_paths import generate_camera_paths
 from .fmnist_scenes import GENERATOR_VERSION, FMNISTScenes, generate_fmnist_scenes
 from .fmnist_scenes_3d import FMNISTScenes3D, generate_fmnist_scenes_3d
 from .preview import save_preview
@@ -95,6 +96,7 @@ GENERATORS: dict[str, Callable[..., SceneDataset]] = {
 # clip sets: not in GENERATORS, whose users (engine.setup) build image scenes with canvas = the model's image size
 VIDEO_GENERATORS: dict[str, Callable[..., VideoClipDataset]] = {
     "camera_motion_videos": generate_camera_motion_videos,
+    "camera_paths": generate_camera_paths,  # expert camera paths, 2-channel clips (view, proximity map)
 }
 
 # multi-view sets of calibrated views (dicts with `views` (V, 3, H, W), depth, pointmaps, cameras; .render3d_sets)

@@ -5,6 +5,7 @@ ViT -> video parts (per-frame encoder, token adapter, temporal transformer); ``v
 """
 
 from .base import LABEL_CLASSES, ClipClassifier, VideoTaskModel
+from .dvgformer import DVGFormer  # noqa: F401  (registers the dvgformer task)
 from .frames import FrameEncoder, TemporalTransformer, TokenAdapter
 from .uniformerv2 import UniFormerV2
 from .vivit import VivitFE
