@@ -12,7 +12,7 @@ bytes of tensors alive at once during one training step (forward, backward, Adam
 trainable parameters. Writes ``benchmarks/results/vivit_recipe.{csv,md,png}``, rewritten after every row.
 
     .venv/bin/python benchmarks/vivit_recipe.py --threads 2 --epochs 20   # accuracy and timing passes
-    .venv/bin/python benchmarks/vivit_recipe.py --n 64 --test-n 32 --epochs 0.2 --timing-steps 2 --out /tmp/vr   # a smoke run
+    .venv/bin/python benchmarks/vivit_recipe.py --n 64 --test-n 32 --epochs 0.2 --timing-steps 2 --out /tmp/vr  # smoke
 """
 
 from __future__ import annotations
@@ -224,7 +224,8 @@ def main() -> None:
         raise SystemExit(f"{HOST} holds {meta['model']} at {meta['img_size']} px; expected {BACKBONE} at {args.img}")
     args.norm = tuple(meta["mean"]), tuple(meta["std"])
     host_state = {k: v for k, v in host.state_dict().items() if not k.startswith("head.")}
-    rows = read_csv(args.out / "vivit_recipe.csv")
+    rows = read_csv(args.out / "vivit_recipe.csv") if args.rows else {}
+    rows = {label: runs for label, runs in rows.items() if label in ROWS}
     if "accuracy" in args.passes:
         for seed in args.seeds:
             accuracy_pass(args, host_state, seed, rows)

@@ -189,3 +189,11 @@ def test_errors_on_bad_cameras():
         cam.look_at(torch.zeros(3), torch.tensor([0.0, 0.0, 5.0]))
     with pytest.raises(ValueError, match="depth_kind"):
         cam.unproject(torch.zeros(2), K, depth=torch.ones(()), depth_kind="ray")
+
+
+def test_cameras_name_a_bad_image_size_and_take_a_float_xi():
+    K = cam.intrinsics_from_fov(1.0, 16, 16).expand(2, 3, 3)
+    with pytest.raises(CameraError, match="image_size must be a pair of ints"):
+        Cameras(K, _poses(2), 16)
+    cameras = Cameras(K, _poses(2), (16, 16), xi=0.5)
+    assert cameras.xi.shape == (2,) and float(cameras.xi[0]) == 0.5

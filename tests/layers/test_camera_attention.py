@@ -292,3 +292,14 @@ def test_adapter_rejects_bad_blocks_and_cameras():
         adapter(torch.randn(2, 12, 64), torch.eye(4).expand(2, 10, 4, 4))
     with pytest.raises(ValueError, match="orientation"):
         adapter(torch.randn(2, 12, 64), torch.eye(4).expand(2, 12, 4, 4), orientation=torch.randn(2, 12, 3))
+
+
+def test_pixel_intrinsics_and_far_cameras_are_not_mistaken_for_singular():
+    # float32 P @ P^-1 misses I by far more than 1e-3 when K is in pixels (f = 1500) and cameras sit 20 m away
+    w2c, c2w, K = _cameras(dtype=torch.float32)
+    c2w = c2w.clone()
+    c2w[..., :3, 3] *= 10
+    K = K * torch.tensor([1500 / 8, 1500 / 8, 1.0]).view(3, 1)
+    q, k, v = _qkv(2, 12, dtype=torch.float32)
+    P = tokens_from_views(prope_transforms(torch.linalg.inv(c2w), K), 4)
+    assert torch.isfinite(prope_attention(q, k, v, P, P)).all()

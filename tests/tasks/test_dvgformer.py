@@ -113,3 +113,14 @@ def test_bad_state_and_streams(model):
     with pytest.raises(ValueError, match="in_chans is the number of frame streams"):
         _model(in_chans=3)
     assert model.forward_kwargs(b).keys() == {"state"}
+
+
+def test_forward_sequence_names_mismatched_features_and_state(model):
+    b = _batch(model)
+    features = model.encode_frames(b["image"])
+    with pytest.raises(ValueError, match="state must be the pose per frame"):
+        model.forward_sequence(features, b["state"][..., :4])
+    with pytest.raises(ValueError, match="state must be the pose per frame"):
+        model.forward_sequence(features, b["state"][:, :-1])
+    with pytest.raises(ValueError, match="features must be encode_frames'"):
+        model.forward_sequence(torch.cat([features, features], 2), b["state"])

@@ -75,7 +75,10 @@ def transform_points(pose: torch.Tensor, points: torch.Tensor, *, direction: boo
     return out if direction else out + pose[..., :3, 3]
 
 
-def intrinsics_matrix(fx, fy, cx, cy, skew=0.0) -> torch.Tensor:
+Scalar = float | torch.Tensor
+
+
+def intrinsics_matrix(fx: Scalar, fy: Scalar, cx: Scalar, cy: Scalar, skew: Scalar = 0.0) -> torch.Tensor:
     """K (..., 3, 3) from focal lengths, principal point and skew (floats or broadcastable tensors), in pixels."""
     fx, fy, cx, cy, skew = torch.broadcast_tensors(
         *(torch.as_tensor(v, dtype=torch.float32) for v in (fx, fy, cx, cy, skew))
@@ -84,7 +87,7 @@ def intrinsics_matrix(fx, fy, cx, cy, skew=0.0) -> torch.Tensor:
     return torch.stack([fx, skew, cx, zero, fy, cy, zero, zero, one], -1).unflatten(-1, (3, 3))
 
 
-def intrinsics_from_fov(fov_x, H: int, W: int, fov_y=None) -> torch.Tensor:
+def intrinsics_from_fov(fov_x: Scalar, H: int, W: int, fov_y: Scalar | None = None) -> torch.Tensor:
     """K (..., 3, 3) of a pinhole with horizontal field of view ``fov_x`` (radians), principal point at the centre.
 
     ``fov_y`` defaults to square pixels (``fy = fx``).
@@ -257,6 +260,11 @@ class Cameras:
     xi: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        size = self.image_size
+        if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(isinstance(v, int) for v in size):
+            raise CameraError(f"image_size must be a pair of ints (H, W), got {size!r}")
+        if self.xi is not None and not torch.is_tensor(self.xi):
+            self.xi = torch.as_tensor(self.xi, dtype=self.K.dtype).expand(self.K.shape[:-2])
         check_intrinsics(self.K)
         check_pose(self.cam_to_world)
         shapes = {"K": self.K.shape[:-2], "cam_to_world": self.cam_to_world.shape[:-2]}

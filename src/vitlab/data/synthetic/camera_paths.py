@@ -181,7 +181,8 @@ def collisions(points: torch.Tensor, zones: torch.Tensor) -> torch.Tensor:
 
 def integrate_actions(pose: torch.Tensor, actions: torch.Tensor, size: int) -> torch.Tensor:
     """Poses (..., K, 5) after each of ``actions`` (..., K, 5) (normalised sub-steps) applied from ``pose`` (..., 5)."""
-    scale = torch.tensor(ACTION_SCALE, dtype=actions.dtype) * torch.tensor([size, size, 1, 1, 1], dtype=actions.dtype)
+    kw = {"dtype": actions.dtype, "device": actions.device}
+    scale = torch.tensor(ACTION_SCALE, **kw) * torch.tensor([size, size, 1, 1, 1], **kw)
     return pose[..., None, :] + (actions * scale).cumsum(-2)
 
 

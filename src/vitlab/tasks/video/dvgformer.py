@@ -163,6 +163,14 @@ class DVGFormer(VideoTaskModel):
         B, T = ref.shape[:2]
         if self.num_frames < T:
             raise ValueError(f"at most num_frames={self.num_frames} frames fit the frame position table, got {T}")
+        if features is not None and (features.ndim != 5 or features.shape[2] != len(self.proj)):
+            raise ValueError(
+                f"features must be encode_frames' (B, T, {len(self.proj)}, grid**2, D) for this "
+                f"{len(self.proj)}-stream model, got {tuple(features.shape)}"
+            )
+        if state is not None and tuple(state.shape) != (B, T, STATE_DIM):
+            raise ValueError(f"state must be the pose per frame (B, T, {STATE_DIM}) = {(B, T, STATE_DIM)}, got "
+                             f"{tuple(state.shape)}")  # fmt: skip
         parts = [] if features is None else [self.proj[c](features[:, :, c]) for c in range(features.shape[2])]
         dtype = self.frame_pos.dtype
         known = torch.ones(B, T, 1, dtype=dtype, device=ref.device)

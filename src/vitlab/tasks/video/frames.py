@@ -5,8 +5,8 @@
   patch tokens only. ``frozen=True`` freezes it, keeps it in eval mode and runs it without autograd, which is
   where a frozen spatial encoder saves its time and memory.
 - ``TokenAdapter``: a few learned queries cross-attend over one frame's patch tokens; their outputs, concatenated
-  and projected to the frame width, are added to the frame embedding (the "compact adapter" of paper 33, reconstructed: see
-  ``vivit.py``).
+  and projected to the frame width, are added to the frame embedding (the "compact adapter" of paper 33,
+  reconstructed: see ``vivit.py``).
 - ``TemporalTransformer``: projection to its own width, a CLS token, a learned temporal position embedding and
   pre-norm transformer blocks over the T frame embeddings -> the clip embedding; depth 0 averages the frames
   (an order-blind baseline). Its blocks are timm ``Block``s, or exact copies of a spatial encoder's last blocks

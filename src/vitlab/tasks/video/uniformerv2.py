@@ -151,7 +151,9 @@ class UniFormerV2(ClipClassifier):
                     block, dim, num_frames, grid, self.frames.num_prefix_tokens, double=local_mhra == "double",
                     reduction=reduction, kernel_size=kernel_size,
                 )  # fmt: skip
-        heads = global_heads or int(getattr(getattr(_host(blocks[-1]), "attn", None), "num_heads", 1))
+        host = _host(blocks[-1])  # a timm Block's mixer is .attn, a vitlab MetaBlock's .token_mixer
+        mixer = getattr(host, "token_mixer", getattr(host, "attn", None))
+        heads = global_heads or int(getattr(mixer, "num_heads", 1))
         n = len(self.global_indices)
         self.dpe = nn.ModuleList(nn.Conv3d(dim, dim, 3, padding=1, groups=dim) for _ in range(n))
         for conv in self.dpe:
