@@ -43,6 +43,11 @@ Multi-view generators (``MULTIVIEW_GENERATORS``):
 
   writes ``DIR/render3d.npz`` (``Render3DDataset.load``), ``DIR/preview.png`` (rows RGB / depth / normals) and
   ``DIR/info.json``.
+- ``stick_humans``: 1..N stick-figure humans (15-joint kinematic tree, capsule limbs) in a room, seen by V calibrated
+  views (FoV 40-90 deg): RGB, depth, person ids, 2-D/3-D joints, visibility, person-centre heatmaps, cameras
+  (:mod:`.humans`, :mod:`.humans_sets`). ``vitlab data make stick_humans --out DIR [--n] [--views 1] [--size 64]
+  [--max-items 3]`` (``--max-items``: most people) writes ``DIR/stick_humans.npz`` (``HumansDataset.load``),
+  ``DIR/preview.png`` (skeletons over the views) and ``DIR/info.json``.
 """
 
 import json
@@ -56,6 +61,7 @@ from .camera_motion import MOTION_PAIRS, MOTIONS, generate_camera_motion_videos
 from .camera_paths import generate_camera_paths
 from .fmnist_scenes import GENERATOR_VERSION, FMNISTScenes, generate_fmnist_scenes
 from .fmnist_scenes_3d import FMNISTScenes3D, generate_fmnist_scenes_3d
+from .humans_sets import HumansDataset, generate_stick_humans, make_stick_humans
 from .preview import save_preview
 from .render3d_sets import Render3DDataset, generate_render3d, make_render3d
 from .scenes import SceneDataset, masks_to_boxes
@@ -71,6 +77,7 @@ __all__ = [
     "VIDEO_GENERATORS",
     "FMNISTScenes",
     "FMNISTScenes3D",
+    "HumansDataset",
     "Render3DDataset",
     "Scene3DDataset",
     "SceneDataset",
@@ -80,6 +87,7 @@ __all__ = [
     "generate_fmnist_scenes",
     "generate_fmnist_scenes_3d",
     "generate_render3d",
+    "generate_stick_humans",
     "make",
     "make_dataset",
     "masks_to_boxes",
@@ -100,12 +108,15 @@ VIDEO_GENERATORS: dict[str, Callable[..., VideoClipDataset]] = {
 }
 
 # multi-view sets of calibrated views (dicts with `views` (V, 3, H, W), depth, pointmaps, cameras; .render3d_sets)
-MULTIVIEW_GENERATORS: dict[str, Callable[..., Render3DDataset]] = {"render3d": generate_render3d}
+MULTIVIEW_GENERATORS: dict[str, Callable[..., Any]] = {
+    "render3d": generate_render3d,
+    "stick_humans": generate_stick_humans,  # stick-figure humans (.humans_sets)
+}
 
 
 def make_dataset(
     name: str, split: str = "train", n: int = 1000, seed: int = 0, **kwargs: Any
-) -> SceneDataset | VideoClipDataset | Render3DDataset:
+) -> SceneDataset | VideoClipDataset | Render3DDataset | HumansDataset:
     """Build (or load from the cache) ``n`` scenes (or clips) of generator ``name``; ``kwargs`` go to the generator.
 
     Raises:
@@ -148,6 +159,9 @@ def make(
             raise ValueError(f"canvas and frames do not apply to {name!r}; it takes size, views and max_items")
         given = {"size": size, "views": views, "max_boxes": max_items, "data_dir": data_dir, "cache_dir": cache_dir}
         kw = {k: v for k, v in given.items() if v is not None}
+        if name == "stick_humans":  # --max-items: most people per scene; writes stick_humans.npz
+            kw["max_people"] = kw.pop("max_boxes", 3)
+            return make_stick_humans(out, preview=max(1, min(preview, 4)), split=split, n=n, seed=seed, **kw)
         return make_render3d(out, preview=max(1, min(preview, 4)), split=split, n=n, seed=seed, **kw)
     if views is not None:
         raise ValueError(f"views applies to the multi-view generators {sorted(MULTIVIEW_GENERATORS)}, not {name!r}")
