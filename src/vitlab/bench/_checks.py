@@ -14,10 +14,14 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-def check_input_size(input_size: Any) -> tuple[int, int, int]:
-    """Return ``input_size`` as a ``(channels, height, width)`` tuple of positive ints."""
-    if not isinstance(input_size, (tuple, list)) or len(input_size) != 3:
-        raise ValueError(f"input_size must be (channels, height, width), got {input_size!r}")
+def check_input_size(input_size: Any) -> tuple[int, ...]:
+    """Return ``input_size`` as a ``(channels, height, width)`` (an image) or ``(frames, channels, height, width)``
+    (a clip, for video task models) tuple of positive ints."""
+    if not isinstance(input_size, (tuple, list)) or len(input_size) not in (3, 4):
+        raise ValueError(
+            f"input_size must be (channels, height, width) or, for clips, (frames, channels, height, width); got "
+            f"{input_size!r}"
+        )
     for value in input_size:
         check_positive_int("each entry of input_size", value)
     return tuple(input_size)  # type: ignore[return-value]

@@ -41,12 +41,12 @@ def count_params_meta(name: str, **kwargs: Any) -> int:
     return count_params(_build_meta(name, **kwargs))
 
 
-def count_flops(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1) -> int:
+def count_flops(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1) -> int:
     """FLOPs (2 per multiply-accumulate) of one inference forward of ``batch_size`` images.
 
     Args:
         model: any module taking an image batch; may live on the ``meta`` device.
-        input_size: ``(channels, height, width)`` of one image.
+        input_size: ``(channels, height, width)`` of one image (or ``(frames, channels, height, width)``: a clip).
         batch_size: images per forward.
 
     Returns:

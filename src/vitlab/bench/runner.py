@@ -202,7 +202,11 @@ class _TimingPlan:
 def _bench_built(name: str, build: Callable[[str], nn.Module], plan: _TimingPlan) -> BenchRow:
     model = build(name)
     input_size = (model.in_chans, model.img_size, model.img_size)
-    return _measure(name, model, input_size, count_flops(model, input_size), None, "", plan)
+    frames = getattr(model, "num_frames", None)  # video task models take clips (B, T, C, H, W)
+    if frames:
+        input_size = (frames, *input_size)
+    note = f"clips of {frames} frames: img/s counts clips" if frames else ""
+    return _measure(name, model, input_size, count_flops(model, input_size), None, note, plan)
 
 
 def _bench_one(name: str, user: dict[str, Any], baseline: str | None, plan: _TimingPlan) -> BenchRow:
@@ -221,14 +225,14 @@ def _bench_one(name: str, user: dict[str, Any], baseline: str | None, plan: _Tim
 def _measure(
     name: str,
     ours: nn.Module,
-    input_size: tuple[int, int, int],
+    input_size: tuple[int, ...],
     flops: int,
     base: nn.Module | None,
     note: str,
     plan: _TimingPlan,
     baseline: str | None = None,
 ) -> BenchRow:
-    size, chans = input_size[1], input_size[0]
+    size, chans = input_size[-2], input_size[-3]
     params = count_params(ours)
     notes = [note] if note else []
     flags = {"amp": plan.amp, "channels_last": plan.channels_last}

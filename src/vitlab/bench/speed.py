@@ -86,7 +86,7 @@ def _sync(device: torch.device) -> None:
 
 def prepare_forward(
     model: nn.Module,
-    input_size: tuple[int, int, int],
+    input_size: tuple[int, ...],
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     amp: bool = False,
@@ -105,6 +105,8 @@ def prepare_forward(
     dev = check_device(device)
     model = model.to(dev).eval()
     x = torch.randn(batch_size, *input_size, device=dev)
+    if channels_last and x.ndim != 4:
+        raise ValueError(f"channels_last applies to image batches (B, C, H, W), not input of shape {tuple(x.shape)}")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -158,7 +160,7 @@ def time_interleaved(
 
 def measure_throughput(
     model: nn.Module,
-    input_size: tuple[int, int, int],
+    input_size: tuple[int, ...],
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     amp: bool = False,
@@ -180,7 +182,7 @@ def measure_throughput(
 
 def measure_latency(
     model: nn.Module,
-    input_size: tuple[int, int, int],
+    input_size: tuple[int, ...],
     device: str | torch.device = "cpu",
     amp: bool = False,
     channels_last: bool = False,
@@ -195,7 +197,7 @@ def measure_latency(
 
 def peak_memory_mb(
     model: nn.Module,
-    input_size: tuple[int, int, int],
+    input_size: tuple[int, ...],
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     amp: bool = False,

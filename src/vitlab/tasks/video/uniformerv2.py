@@ -179,7 +179,7 @@ class UniFormerV2(ClipClassifier):
             tokens = net.forward_features(image.flatten(0, 1))
             return self.norm(self.frames.pool(tokens.unflatten(0, (B, T))).mean(1))
         tokens, maps = net.forward_intermediates(image.flatten(0, 1), indices=list(self.global_indices))
-        query = self.query.expand(B, -1, -1)
+        query = self.query.repeat(B, 1, 1)  # not expand: a no-grad view of a leaf still says requires_grad
         for dpe, block, fmap in zip(self.dpe, self.global_blocks, maps, strict=True):
             fmap = fmap.unflatten(0, (B, T)).transpose(1, 2)  # (B, D, T, H, W)
             fmap = fmap + dpe(fmap.contiguous(memory_format=torch.channels_last_3d))  # 2x faster on CPU
