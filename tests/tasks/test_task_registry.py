@@ -3,6 +3,8 @@
 Each task declares its ``test_backbones`` (one isotropic, one hierarchical) and tiny ``test_kwargs``; backbones
 are built from their own tiny ``test_kwargs``. Everything runs on the task's ``example_batch``. Video tasks
 (``tasks.video.VideoTaskModel``) take clips ``(B, T, C, H, W)`` where image tasks take ``(B, C, H, W)``.
+Forward passes go as the engine makes them, ``model(batch["image"], **model.forward_kwargs(batch))`` (cameras,
+labels, ...), except the export and bad-input checks, which pass the image alone.
 """
 
 import json
@@ -114,7 +116,7 @@ def test_attributes_and_example_batch_schema(name, backbone):
 def test_forward_backward_loss_and_postprocess(name, backbone):
     model = _build(name, backbone).train()
     batch = _batch(model)
-    output = model(batch["image"])
+    output = model(batch["image"], **model.forward_kwargs(batch))  # as the engine calls it
     assert all(torch.isfinite(t).all() for t in _tensors(output))
     losses = model.loss(output, batch)
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
@@ -144,7 +146,7 @@ def test_overfits_example_batch(name, backbone):
     losses = []
     for _ in range(6):
         optimizer.zero_grad()
-        loss = model.loss(model(batch["image"]), batch)["loss"]
+        loss = model.loss(model(batch["image"], **model.forward_kwargs(batch)), batch)["loss"]
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -159,7 +161,7 @@ def test_metrics_summary(name, backbone):
     assert all(m.device.type == "cpu" for m in metrics.values())
     with torch.no_grad():
         for _ in range(2):
-            model.update_metrics(metrics, model(batch["image"]), batch)
+            model.update_metrics(metrics, model(batch["image"], **model.forward_kwargs(batch)), batch)
     summary = model.summarize_metrics(metrics)
     assert model.primary_metric in summary
     assert isinstance(summary[model.primary_metric], float)
@@ -190,11 +192,12 @@ def test_segmentation_metrics_values():
 def test_state_dict_round_trip(name, backbone):
     a, b = _build(name, backbone).eval(), _build(name, backbone).eval()
     b.load_state_dict(a.state_dict())
-    image = _batch(a)["image"]
+    batch = _batch(a)
+    image, kw = batch["image"], a.forward_kwargs(batch)
     with torch.no_grad():
-        ya = a(image)
-        assert all(torch.equal(u, v) for u, v in zip(_tensors(ya), _tensors(a(image)), strict=True))
-        assert all(torch.equal(u, v) for u, v in zip(_tensors(ya), _tensors(b(image)), strict=True))
+        ya = a(image, **kw)
+        assert all(torch.equal(u, v) for u, v in zip(_tensors(ya), _tensors(a(image, **kw)), strict=True))
+        assert all(torch.equal(u, v) for u, v in zip(_tensors(ya), _tensors(b(image, **kw)), strict=True))
 
 
 @pytest.mark.export

@@ -1,0 +1,304 @@
+"""VGGT-style multi-view geometry (paper 37, the review "DUSt3R -> VGGT"; anchor ``facebookresearch/vggt``).
+
+Reconstructed from the review and the VGGT paper (Wang et al., CVPR 2025; no code copied), at toy scale:
+
+- **Per-frame encoder**: any isotropic vitlab or timm ViT (``tasks.video.FrameEncoder``), shared by all frames;
+  patch tokens projected to ``dim``.
+- **Special tokens**: per frame one camera token and ``registers`` register tokens, learned, with one set for the
+  first (reference) frame and another shared by the others, so the model knows which frame defines the world.
+- **Alternating attention**: ``depth`` pairs of a frame-wise block (tokens of one frame) and a global block (the
+  tokens of all frames together); 2-D RoPE on patch tokens (special tokens unrotated). ``global_attention=False``
+  makes both blocks of a pair frame-wise (the ablation: no frame can see another).
+- **Heads**: the camera head (LayerNorm + MLP on the camera token) regresses the 9-D pose encoding
+  (translation 3 of the frame's camera centre in frame 1's camera frame, unit quaternion 4 (w, x, y, z) of its
+  camera-to-frame-1 rotation, vertical and horizontal field of view in radians); linear per-token heads give depth
+  (``exp``) with confidence and the pointmap in frame 1's camera frame with confidence. Deviations: no iterative
+  refinement in the camera head, linear heads instead of DPT, no tracking head.
+- **Loss**: ground truth is normalised by the mean distance of its valid points (frame 1's camera frame), and the
+  translation and depth with the same factor; camera: Huber on the pose encoding; depth and pointmap:
+  confidence-weighted L1-like Euclidean error minus ``alpha log conf`` (not rescaling the prediction).
+- **Metrics**: ``pointmap_err`` (scale-invariant, all frames), ``depth_absrel`` / ``depth_delta1`` of the depth head
+  (median-aligned, all frames), ``rot_err_deg`` the angle between predicted and true rotation of frames 2.. (their
+  rotation relative to frame 1), ``fov_err_deg``.
+
+A batch holds ``image`` (B, V, C, H, W), ``pointmap`` (B, V, H, W, 3) in frame 1's camera frame, ``depth`` and
+``valid`` (B, V, H, W), ``K`` (B, V, 3, 3) and ``cam_to_world`` (B, V, 4, 4); :func:`frames_from_render3d` makes one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+from ...layers.camera import invert_pose, transform_points
+from ...layers.pos_embed import grid_positions, rope_2d_angles
+from .._registry import register_task
+from ..base import TaskSpec
+from .dust3r import PAPER, CrossViewBlock, Dust3R
+from .geometry import depth_errors, rotation_angle_deg, scale_invariant_error
+
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
+
+__all__ = ["VGGT", "frames_from_render3d", "matrix_to_quaternion", "pose_encoding", "quaternion_to_matrix"]
+
+METRICS = ("pointmap_err", "depth_absrel", "depth_delta1", "rot_err_deg", "fov_err_deg")
+
+
+def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
+    """Unit quaternions ``(..., 4)`` (w, x, y, z), w >= 0, of rotations ``(..., 3, 3)``."""
+    m = R.double()
+    tr = m.diagonal(dim1=-2, dim2=-1)
+    # each candidate is 4 |q_k|^2 - 1 + 1: pick the largest component (Shepperd) for a stable division
+    sq = torch.stack(
+        [
+            1 + tr.sum(-1),
+            1 + tr[..., 0] - tr[..., 1] - tr[..., 2],
+            1 - tr[..., 0] + tr[..., 1] - tr[..., 2],
+            1 - tr[..., 0] - tr[..., 1] + tr[..., 2],
+        ],
+        -1,
+    )
+    s = sq.clamp_min(0).sqrt() * 2  # 4 |q_k|
+    a, b = m[..., 2, 1], m[..., 1, 2]
+    c, d = m[..., 0, 2], m[..., 2, 0]
+    e, f = m[..., 1, 0], m[..., 0, 1]
+    cands = torch.stack(
+        [
+            torch.stack([s[..., 0] / 4, (a - b) / s[..., 0], (c - d) / s[..., 0], (e - f) / s[..., 0]], -1),
+            torch.stack([(a - b) / s[..., 1], s[..., 1] / 4, (f + e) / s[..., 1], (c + d) / s[..., 1]], -1),
+            torch.stack([(c - d) / s[..., 2], (f + e) / s[..., 2], s[..., 2] / 4, (b + a) / s[..., 2]], -1),
+            torch.stack([(e - f) / s[..., 3], (c + d) / s[..., 3], (b + a) / s[..., 3], s[..., 3] / 4], -1),
+        ],
+        -2,
+    )
+    q = cands.gather(-2, sq.argmax(-1)[..., None, None].expand(*sq.shape[:-1], 1, 4)).squeeze(-2)
+    q = q / q.norm(dim=-1, keepdim=True)
+    return torch.where(q[..., :1] < 0, -q, q).to(R.dtype)
+
+
+def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
+    """Rotations ``(..., 3, 3)`` of quaternions ``(..., 4)`` (w, x, y, z), normalised first."""
+    w, x, y, z = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-8)).unbind(-1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
+        ],
+        -1,
+    ).unflatten(-1, (3, 3))
+
+
+def pose_encoding(cam_to_world: torch.Tensor, K: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The 9-D encoding ``(B, V, 9)`` of each camera relative to camera 1: centre 3, quaternion 4, FoV (y, x) 2."""
+    rel = invert_pose(cam_to_world[:, :1]) @ cam_to_world  # camera v -> camera 1
+    fov_y = 2 * torch.atan(H / (2 * K[..., 1, 1]))
+    fov_x = 2 * torch.atan(W / (2 * K[..., 0, 0]))
+    return torch.cat([rel[..., :3, 3], matrix_to_quaternion(rel[..., :3, :3]), fov_y[..., None], fov_x[..., None]], -1)
+
+
+class VGGT(Dust3R):
+    """Frames -> per-frame camera pose encoding, depth and pointmap in frame 1's frame (module docstring).
+
+    Reuses ``Dust3R``'s encoder, checks and example batch (random scene, ``num_frames`` cameras); the decoders
+    and heads are replaced by the alternating aggregator and VGGT's heads.
+
+    Args:
+        num_frames: frames per sample (>= 2).
+        dim, depth, heads, registers: the aggregator's width, frame/global block pairs, heads, register tokens.
+        global_attention: False makes every block frame-wise (the ablation).
+        alpha: weight of ``-log(confidence)``; camera_weight: weight of the camera loss.
+    """
+
+    task_name = "vggt"
+    target_keys = ("pointmap", "depth")
+
+    def __init__(
+        self,
+        backbone: str,
+        *,
+        num_classes: int,
+        in_chans: int,
+        img_size: int,
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_frames: int = 4,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 2,
+        registers: int = 2,
+        global_attention: bool = True,
+        alpha: float = 0.2,
+        camera_weight: float = 1.0,
+    ) -> None:
+        if num_frames < 2:
+            raise ValueError(f"vggt needs at least 2 frames (frame 1 defines the world), got num_frames={num_frames}")
+        super().__init__(
+            backbone,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            img_size=img_size,
+            backbone_kwargs=backbone_kwargs,
+            dec_dim=dim,
+            dec_depth=1,
+            dec_heads=heads,
+            alpha=alpha,
+        )
+        self.num_frames = num_frames
+        del self.decoders, self.norms, self.heads  # Dust3R's decoders and heads are not used
+        self.global_attention, self.camera_weight, self.registers = global_attention, camera_weight, registers
+        # [reference frame, other frames] x (camera + registers) tokens
+        self.special = nn.Parameter(torch.randn(2, 1 + registers, dim) * 0.02)
+        self.blocks = nn.ModuleList(CrossViewBlock(dim, heads, cross=False) for _ in range(2 * depth))
+        self.norm = nn.LayerNorm(dim)
+        self.camera_head = nn.Sequential(nn.LayerNorm(dim), Mlp(dim, 2 * dim, 9))
+        p2 = self.patch * self.patch
+        self.depth_head = nn.Linear(dim, p2 * 2)
+        self.point_head = nn.Linear(dim, p2 * 4)
+
+    def check_image(self, image: Any) -> None:
+        try:
+            super(Dust3R, self).check_image(image)
+        except ValueError as err:
+            raise ValueError(f"{err} [vggt takes {self.num_frames} frames (B, V, {self.in_chans}, H, W)]") from None
+
+    def _unpatch(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        B, V = x.shape[:2]
+        side, p = self.img_size // self.patch, self.patch
+        x = x.view(B, V, side, side, p, p, channels).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(B, V, self.img_size, self.img_size, channels)
+
+    def forward_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, V = image.shape[:2]
+        side = self.img_size // self.patch
+        patches = self.embed(self.encoder.patch_tokens(self.encoder(image)))  # (B, V, N, D)
+        N, D, S = patches.shape[2], patches.shape[3], 1 + self.registers
+        special = torch.cat([self.special[:1], self.special[1:].expand(V - 1, -1, -1)])  # (V, S, D)
+        x = torch.cat([special.expand(B, -1, -1, -1), patches], 2)  # (B, V, S + N, D)
+        angles = rope_2d_angles(grid_positions((side, side), image.device) + 1, D // self.dec_heads)
+        angles = torch.cat([angles.new_zeros(S, angles.shape[-1]), angles])  # special tokens unrotated
+        for i, block in enumerate(self.blocks):
+            if i % 2 and self.global_attention:  # global: all frames' tokens together
+                x = block(x.flatten(1, 2), x, angles.repeat(V, 1)).view(B, V, S + N, D)
+            else:  # frame-wise
+                x = block(x.flatten(0, 1), x, angles).view(B, V, S + N, D)
+        x = self.norm(x)
+        tokens = x[:, :, S:]
+        pose = self.camera_head(x[:, :, 0])
+        d = self._unpatch(self.depth_head(tokens), 2)
+        pts = self._unpatch(self.point_head(tokens), 4)
+        return {
+            "pose": pose,
+            "depth": d[..., 0].exp(),
+            "depth_conf": 1 + d[..., 1].exp(),
+            "pointmap": pts[..., :3],
+            "confidence": 1 + pts[..., 3].exp(),
+        }
+
+    def _gt(self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        gt, valid = self._targets(output, batch)
+        for key in ("cam_to_world", "K", "depth"):
+            if key not in batch:
+                raise ValueError(f"batch has no {key!r} (vggt's camera and depth targets; keys: {sorted(batch)})")
+        if tuple(batch["depth"].shape) != tuple(valid.shape):
+            raise ValueError(f"batch['depth'] must be {tuple(valid.shape)}, got {tuple(batch['depth'].shape)}")
+        w = valid.float()
+        scale = (gt.norm(dim=-1) * w).sum((1, 2, 3)) / w.sum((1, 2, 3)).clamp_min(1)
+        scale = scale.clamp_min(1e-8)
+        pose = pose_encoding(batch["cam_to_world"], batch["K"], self.img_size, self.img_size)
+        pose = torch.cat([pose[..., :3] / scale[:, None, None], pose[..., 3:]], -1)
+        return gt / scale.view(-1, 1, 1, 1, 1), batch["depth"] / scale.view(-1, 1, 1, 1), valid, pose
+
+    def loss(self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        gt, depth, valid, pose = self._gt(output, batch)
+        w = valid.float()
+
+        def conf_term(err: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+            return ((err * conf - self.alpha * conf.log()) * w).sum() / w.sum().clamp_min(1)
+
+        pts = conf_term((output["pointmap"] - gt).norm(dim=-1), output["confidence"])
+        dep = conf_term((output["depth"] - depth).abs(), output["depth_conf"])
+        cam = F.huber_loss(output["pose"], pose)
+        return {"loss": pts + dep + self.camera_weight * cam, "points": pts, "depth": dep, "camera": cam}
+
+    def build_metrics(self) -> MetricCollection:
+        from torchmetrics import MeanMetric, MetricCollection
+
+        return MetricCollection({k: MeanMetric() for k in METRICS})
+
+    def evaluate(self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-sample metrics ``{name: (B,)}`` (module docstring)."""
+        gt, depth, valid, pose = self._gt(output, batch)
+        pred = output["pointmap"].detach().float()
+        absrel, delta = depth_errors(output["depth"].detach().flatten(1), depth.flatten(1), valid.flatten(1))
+        R = quaternion_to_matrix(output["pose"][:, 1:, 3:7].detach().double())
+        rot = rotation_angle_deg(R, quaternion_to_matrix(pose[:, 1:, 3:7].double())).mean(1).float()
+        fov = torch.rad2deg((output["pose"][..., 7:].detach() - pose[..., 7:]).abs()).mean((1, 2))
+        return {
+            "pointmap_err": scale_invariant_error(pred, gt, valid),
+            "depth_absrel": absrel,
+            "depth_delta1": 100 * delta,
+            "rot_err_deg": rot,
+            "fov_err_deg": fov,
+        }
+
+    def summarize_metrics(self, metrics: MetricCollection) -> dict[str, float | list]:
+        return {k: float(metrics[k].compute()) for k in METRICS}
+
+    def postprocess(self, output: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"pointmap", "confidence", "depth" (B, V, H, W), "pose" (B, V, 9)}``."""
+        return {k: output[k] for k in ("pointmap", "confidence", "depth", "pose")}
+
+
+def frames_from_render3d(
+    batch: Mapping[str, torch.Tensor], mean: tuple[float, ...], std: tuple[float, ...]
+) -> dict[str, torch.Tensor]:
+    """A collated Render3D batch of V views -> a vggt batch (every view; pointmaps in view 1's camera frame)."""
+    views = batch["views"].float() / 255
+    m, s = torch.tensor(mean).view(1, 1, -1, 1, 1), torch.tensor(std).view(1, 1, -1, 1, 1)
+    to_view1 = invert_pose(batch["cam_to_world"][:, 0])[:, None, None, None]
+    pointmap = torch.where(batch["valid"][..., None], transform_points(to_view1, batch["pointmap"]), 0)
+    return {
+        "image": (views - m) / s,
+        "pointmap": pointmap,
+        "valid": batch["valid"],
+        "K": batch["K"],
+        "cam_to_world": batch["cam_to_world"],
+        "depth": batch["depth"],
+    }
+
+
+register_task(
+    TaskSpec(
+        name="vggt",
+        task="pointmaps",
+        builder=VGGT,
+        metric="pointmap_err",
+        higher_is_better=False,
+        paper=PAPER,
+        kind="H",
+        dataset="render3d",
+        num_classes=1,
+        in_chans=3,
+        img_size=32,
+        default_backbone="vit_micro_patch4_28",
+        description="VGGT-style multi-view geometry: per-frame camera and register tokens, alternating frame-wise "
+        "and global attention, camera head (9-D pose encoding), depth and pointmap heads",
+        test_backbones=("vit_micro_patch4_28", "univitar_nano_patch4_28"),
+        test_kwargs={"img_size": 16, "num_frames": 3, "dim": 32, "depth": 1},
+        backbones="isotropic",
+        backbones_reason="frame-wise and global attention run over every frame's patch tokens on one shared grid "
+        "(with 2-D RoPE); a hierarchical backbone has no single token grid",
+    )
+)
