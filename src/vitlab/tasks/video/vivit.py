@@ -13,6 +13,7 @@ The recipe (from the paper's abstract; its body was not reachable, so the detail
   ViViT itself starts it at random ("random"); the candidate we implement is "spatial", exact copies of the
   spatial encoder's last ``temporal_depth`` blocks (the only pretrained transformer blocks of the same width at
   hand; a temporal encoder trained on another video split can be loaded with ``load_state_dict`` instead).
+  The default stays "random": on camera-motion videos the copy hurt (benchmarks/results/vivit_recipe.md).
 - ``adapter``: a compact adapter between the frozen spatial and the temporal transformer that "selectively focuses
   on regions of the input image". Reconstructed as ``frames.TokenAdapter``: ``adapter_queries`` learned queries
   cross-attend over each frame's frozen patch tokens and their mean, projected, is added to the frame's CLS
