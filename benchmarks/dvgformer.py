@@ -3,7 +3,7 @@
 Data: ``camera_paths`` (``data/synthetic/camera_paths.py``): fly the look-at point to a Fashion-MNIST target around
 no-fly zones, zoom in, level the roll, stop. The frozen frame encoder is ``runs/compression/host_vit_micro_s0``
 (vit_micro_patch4_28 trained on Fashion-MNIST, head dropped); it is frozen, so its pooled patch features are
-computed once per frame and the task model is trained on them with the loop below (``DVGFormer.forward_sequence``;
+computed once per frame and the task model is trained on them by ``task_fit.train`` (``DVGFormer.forward_sequence``;
 equal to the full forward since the encoder runs in eval mode without gradient). Open loop: action L1 (action units:
 one unit = the expert's top speed, see ``ACTION_SCALE``) on held-out trajectories with the expert's frames and poses.
 Closed loop: from each test start pose the model's actions are executed, the view re-rendered after every frame and
@@ -16,7 +16,6 @@ fed back, until it raises the stop flag or the frames run out. Writes ``benchmar
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from task_fit import cell, train, write_csv  # shared loop and table helpers (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.data.synthetic import make_dataset
 from vitlab.data.synthetic.camera_paths import (
@@ -73,32 +73,45 @@ def features(encoder_model, clips: torch.Tensor, mean, std, batch: int = 16) -> 
     return torch.cat([encoder_model.encode_frames(normalise(c, mean, std)) for c in clips.split(batch)])
 
 
+class OnFeatures(torch.nn.Module):
+    """DVGFormer on cached frame features, shaped for ``task_fit.train``: ``forward(features, state)``, its loss."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor, state: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_sequence(_select(self.model, feats), state)
+
+    def loss(self, out, batch):
+        return self.model.loss(out, batch)
+
+    def forward_kwargs(self, batch) -> dict:
+        return {"state": batch["state"]}
+
+
+class CachedFeatures:
+    """Shuffled batches of the cached features and targets: one generator seeded with ``seed``, a permutation per
+    epoch (the batch order is the seed's, as the rows' model init is)."""
+
+    def __init__(self, feats: torch.Tensor, data, batch: int, seed: int) -> None:
+        self.feats, self.data, self.batch = feats, data, batch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data) / self.batch)
+
+    def iter_batches(self, epoch: int):
+        d = self.data
+        for idx in torch.randperm(len(d), generator=self.generator).split(self.batch):
+            yield {"image": self.feats[idx], "state": d.state[idx], "actions": d.actions[idx], "stop": d.stop[idx]}
+
+
 def fit(model, feats, data, args, seed: int) -> float:
-    """AdamW, warmup 10% + cosine, clip 1, on the cached features; returns the wall time (s)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
-    total = args.steps or math.ceil(args.epochs * len(data) / args.batch)
-    warm = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    t0, step = time.perf_counter(), 0
-    while step < total:
-        for idx in torch.randperm(len(data), generator=g).split(args.batch):
-            batch = {"state": data.state[idx], "actions": data.actions[idx], "stop": data.stop[idx]}
-            out = model.forward_sequence(_select(model, feats[idx]), batch["state"])
-            loss = model.loss(out, batch)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            if step >= total:
-                break
-    return time.perf_counter() - t0
+    """``task_fit.train`` (AdamW wd 0.05, warmup 10% + cosine, clip 1) on the cached features; the wall time (s)."""
+    steps = args.steps or math.ceil(args.epochs * len(data) / args.batch)
+    loader = CachedFeatures(feats, data, args.batch, seed)
+    return train(OnFeatures(model), data, 0, args.lr, args.batch, seed, steps=steps, loader=loader)
 
 
 def _select(model, feats: torch.Tensor | None) -> torch.Tensor | None:
@@ -153,24 +166,9 @@ def closed_loop(model, encoder_model, data, args, mean, std) -> tuple[dict[str, 
     return metrics, routes
 
 
-def _cell(values: list, digits: int) -> str:
-    values = [float(v) for v in values if v not in (None, "")]
-    if not values:
-        return "-"
-    mean = statistics.mean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
-
-
 def write(rows: dict[str, list[dict]], args, routes: dict[str, list], test) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "dvgformer.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "seed", *COLUMNS])
-        for label, runs in rows.items():
-            for r in runs:
-                w.writerow([label, r["seed"], *(r.get(k) for k in COLUMNS)])
+    write_csv(args.out / "dvgformer.csv", rows, COLUMNS)
     seeds = sorted({r["seed"] for runs in rows.values() for r in runs})
     machine = ", ".join(f"{k}={v}" for k, v in describe_machine().items())
     lines = [
@@ -202,7 +200,7 @@ def write(rows: dict[str, list[dict]], args, routes: dict[str, list], test) -> N
     digits = {"l1": 3, "l1_moving": 3, "deviation": 3, "final_dist": 3, "train_s": 0}
     for label, runs in rows.items():
         lines.append(
-            f"| {label} | " + " | ".join(_cell([r.get(k) for r in runs], digits.get(k, 1)) for k in COLUMNS) + " |"
+            f"| {label} | " + " | ".join(cell([r.get(k) for r in runs], digits.get(k, 1)) for k in COLUMNS) + " |"
         )
     (args.out / "dvgformer.md").write_text("\n".join(lines) + "\n")
     plot(routes, test, args.out / "dvgformer.png", args.size)
@@ -263,21 +261,21 @@ def main() -> None:
         raise SystemExit(f"{HOST} holds {meta['model']} at {meta['img_size']} px; expected {BACKBONE} at {args.size}")
     host_state = {k: v for k, v in host.state_dict().items() if not k.startswith("head.")}
     kw = {"seed": args.seed_data, "frames": args.frames, "size": args.size, "substeps": args.substeps}
-    train = make_dataset("camera_paths", split="train", n=args.n, **kw)
+    train_set = make_dataset("camera_paths", split="train", n=args.n, **kw)
     test = make_dataset("camera_paths", split="test", n=args.test_n, **kw)
     encoder_model = build(ROWS["full (images + proximity stream)"], args, host_state, 0).eval()
     t0 = time.perf_counter()
-    train_feats = features(encoder_model, train.clips, train.mean, train.std)
-    test_feats = features(encoder_model, test.clips, train.mean, train.std)
+    train_feats = features(encoder_model, train_set.clips, train_set.mean, train_set.std)
+    test_feats = features(encoder_model, test.clips, train_set.mean, train_set.std)
     print(f"features: {time.perf_counter() - t0:.0f} s", flush=True)
     rows: dict[str, list[dict]] = {}
     routes: dict[str, list] = {}
     for seed in args.seeds:
         for label, row_kw in ROWS.items():
             model = build(row_kw, args, host_state, seed)
-            train_s = fit(model, train_feats, train, args, seed)
+            train_s = fit(model, train_feats, train_set, args, seed)
             result = {"seed": seed, "train_s": train_s, **open_loop(model, test_feats, test)}
-            loop, paths = closed_loop(model, encoder_model, test, args, train.mean, train.std)
+            loop, paths = closed_loop(model, encoder_model, test, args, train_set.mean, train_set.std)
             result.update(loop)
             routes.setdefault(label, paths)
             rows.setdefault(label, []).append(result)

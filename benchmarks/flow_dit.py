@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from task_fit import train  # the shared loop (this directory is on sys.path)
+from task_fit import cell, train, write_csv  # shared loop and table helpers (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.data import load_fashion_mnist
 from vitlab.data.loader import BatchLoader
@@ -158,22 +158,9 @@ def read_csv(path: Path) -> dict[str, list[dict]]:
     return rows
 
 
-def _cell(values: list, digits: int = 1) -> str:
-    values = [v for v in values if v not in (None, "")]
-    if not values:
-        return "-"
-    mid, half = (max(values) + min(values)) / 2, (max(values) - min(values)) / 2
-    return f"{mid:.{digits}f}" if len(values) == 1 else f"{mid:.{digits}f} ± {half:.{digits}f}"
-
-
 def write(rows: dict[str, list[dict]], args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "flow_dit.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "seed", *COLUMNS])
-        for label, runs in rows.items():
-            for r in runs:
-                w.writerow([label, r["seed"], *(r.get(k, "") for k in COLUMNS)])
+    write_csv(args.out / "flow_dit.csv", rows, COLUMNS)
     seeds = sorted({r["seed"] for runs in rows.values() for r in runs if r["seed"] != "-"})
     machine = ", ".join(f"{k}={v}" for k, v in describe_machine().items())
     lines = [
@@ -200,7 +187,7 @@ def write(rows: dict[str, list[dict]], args) -> None:
     ]
     digits = {"fd": 2, "flow_loss": 4, "train_s": 0}
     for label, runs in rows.items():
-        cells = [_cell([r.get(k) for r in runs], digits.get(k, 1)) for k in COLUMNS]
+        cells = [cell([r.get(k) for r in runs], digits.get(k, 1)) for k in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     path = args.out / "flow_dit.md"
     text = path.read_text() if path.exists() else ""

@@ -16,7 +16,6 @@ with the MoE attention in its sparse (active-only) form. Writes ``benchmarks/res
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from task_fit import train  # the shared loop (this directory is on sys.path)
+from task_fit import cell, train, write_csv  # shared loop and table helpers (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.data.loader import BatchLoader
 from vitlab.data.multitask import MULTITASK_TASKS, MultiTaskDataset, make_fmnist_multitask
@@ -198,22 +197,9 @@ def main() -> None:
         write(rows, matrices, args)
 
 
-def _cell(values: list, digits: int = 1) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    m = statistics.fmean(values)
-    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
-
-
 def write(rows: dict[str, list[dict]], matrices: dict, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "modular_moe.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "seed", *COLUMNS])
-        for label, runs in rows.items():
-            for r in runs:
-                w.writerow([label, r["seed"], *(r.get(k) for k in COLUMNS)])
+    write_csv(args.out / "modular_moe.csv", rows, COLUMNS)
     seeds = sorted({r["seed"] for runs in rows.values() for r in runs})
     lines = [
         "# Modular multi-task MoE ViT on heterogeneous data (Fashion-MNIST + FMNIST-Scenes)",
@@ -237,7 +223,7 @@ def write(rows: dict[str, list[dict]], matrices: dict, args) -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, runs in rows.items():
-        cells = [_cell([r.get(k) for r in runs], 2 if k in ("params_m", "mutual_info") else 1) for k in COLUMNS]
+        cells = [cell([r.get(k) for r in runs], 2 if k in ("params_m", "mutual_info") else 1) for k in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     (args.out / "modular_moe.md").write_text("\n".join(lines) + "\n")
     if matrices:

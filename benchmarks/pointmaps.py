@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from task_fit import cell  # the shared table cell (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.data.stereo import load_middlebury_pair
 from vitlab.data.synthetic import make_dataset
@@ -127,19 +128,9 @@ def floors(test: dict, pair: dict | None) -> dict[str, float]:
             "mb_absrel": mb_absrel.item(), "mb_delta1": 100 * mb_delta.item()}  # fmt: skip
 
 
-def _cell(values: list, digits: int) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
-
-
 def _floor_row(name: str, floor: dict) -> str:
     keys = ("depth_absrel", "depth_delta1", "rot_err_deg", "fov_err_deg", "mb_absrel", "mb_delta1")
-    cells = " | ".join(_cell([floor.get(k)], 3 if "absrel" in k else 1) for k in keys)
+    cells = " | ".join(cell([floor.get(k)], 3 if "absrel" in k else 1) for k in keys)
     return f"| {name} | - | - | {cells} | - |"
 
 
@@ -190,7 +181,7 @@ def write(rows: dict[str, list[dict]], floors_: dict[str, dict], args, meta: dic
     ]  # fmt: skip
     digits = {"pointmap_err": 3, "depth_absrel": 3, "mb_absrel": 3, "train_s": 0}
     for label, runs in rows.items():
-        cells = [_cell([r.get(k) for r in runs], digits.get(k, 1)) for k in COLUMNS]
+        cells = [cell([r.get(k) for r in runs], digits.get(k, 1)) for k in COLUMNS]
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     path = args.out / "pointmaps.md"
     path.write_text("\n".join(lines) + "\n" + _reading(path))

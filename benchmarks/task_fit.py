@@ -1,10 +1,14 @@
-"""The small training loop the task-model benchmark scripts share (``modular_moe.py``, ``vivit_recipe.py``): AdamW
-with linear warmup and cosine decay over ``BatchLoader`` dict batches, gradient clipping at 1, the model's own loss
-(and ``forward_kwargs``, so multi-task models see their batch's tasks). Not a script; the siblings import it."""
+"""What the task-model benchmark scripts share (``modular_moe.py``, ``vivit_recipe.py``, ``dvgformer.py``, ...): the
+small training loop (:func:`train`: AdamW with linear warmup and cosine decay over ``BatchLoader`` dict batches or any
+loader, gradient clipping at 1, the model's own loss and ``forward_kwargs``, so multi-task models see their batch's
+tasks) and the table helpers (:func:`cell`, a "mean ± half the range over seeds" markdown cell; :func:`write_csv`,
+the per-seed rows). Not a script; the siblings import it."""
 
 from __future__ import annotations
 
+import csv
 import math
+import statistics
 import time
 
 import torch
@@ -40,3 +44,27 @@ def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: i
                 break
         epoch += 1
     return time.perf_counter() - t0
+
+
+def cell(values: list, digits: int = 1, sign: bool = False) -> str:
+    """A table cell: the mean of ``values`` (None and "" skipped) ± half their range, "-" when none is left.
+
+    One value prints without a spread; ``sign`` prints the mean with its sign (for differences).
+    """
+    values = [float(v) for v in values if v is not None and v != ""]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return text if len(values) == 1 else f"{text} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def write_csv(path, rows: dict, columns, keys: tuple[str, ...] = ("row",)) -> None:
+    """Write ``rows`` (a label, or a tuple of labels named by ``keys``, -> its per-seed dicts) to the CSV ``path``:
+    the key columns, ``seed``, then ``columns`` (a missing or None value is an empty cell)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*keys, "seed", *columns])
+        for key, runs in rows.items():
+            for r in runs:
+                w.writerow([*(key if isinstance(key, tuple) else (key,)), r["seed"], *(r.get(k) for k in columns)])

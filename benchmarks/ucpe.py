@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from task_fit import cell  # the shared table cell (this directory is on sys.path)
 from vitlab.data.synthetic.render3d_sets import generate_render3d
 from vitlab.tasks import create_task_model
 from vitlab.tasks.multiview.ucpe import CAMERA_KEYS, ENCODINGS, nvs_batch
@@ -87,14 +88,6 @@ def evaluate(model, data) -> dict[str, float]:
     return model.summarize_metrics(metrics)
 
 
-def _cell(values: list[float], digits: int) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    half = (max(values) - min(values)) / 2
-    return f"{mean:.{digits}f} ± {half:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
-
-
 def write(rows: list[dict], args, header: list[str]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     keys = ["encoding", "seed", "params", "train_s"] + [f"{t}_{m}" for t in TESTS for m in ("psnr", "ssim")]
@@ -109,8 +102,8 @@ def write(rows: list[dict], args, header: list[str]) -> None:
         mine = [r for r in rows if r["encoding"] == enc]
         if not mine:
             continue
-        cells = [_cell([r[f"{t}_{m}"] for r in mine], 2 if m == "psnr" else 3) for t in TESTS for m in ("psnr", "ssim")]
-        secs = _cell([r["train_s"] for r in mine], 0)
+        cells = [cell([r[f"{t}_{m}"] for r in mine], 2 if m == "psnr" else 3) for t in TESTS for m in ("psnr", "ssim")]
+        secs = cell([r["train_s"] for r in mine], 0)
         lines.append(f"| {enc} | {len(mine)} | {mine[0]['params']} | {secs} | " + " | ".join(cells) + " |")
     (args.out / "ucpe.md").write_text("\n".join(lines) + "\n")
     plot(rows, args.out / "ucpe.png")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from task_fit import train  # the shared loop (this directory is on sys.path)
+from task_fit import cell, train, write_csv  # shared loop and table helpers (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.data.loader import BatchLoader
 from vitlab.data.synthetic import make_dataset
@@ -132,22 +132,9 @@ def read_csv(path: Path) -> dict[tuple[str, str], list[dict]]:
     return rows
 
 
-def _cell(values: list, digits: int = 1) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    m = statistics.fmean(values)
-    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
-
-
 def write(rows: dict[tuple[str, str], list[dict]], args, started: datetime) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "uniformerv2.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["label", "row", "seed", *COLUMNS])
-        for (label, name), runs in rows.items():
-            for r in runs:
-                w.writerow([label, name, r["seed"], *("" if r[k] is None else r[k] for k in COLUMNS)])
+    write_csv(args.out / "uniformerv2.csv", rows, COLUMNS, keys=("label", "row"))
     seeds = sorted({r["seed"] for runs in rows.values() for r in runs})
     machine = ", ".join(f"{k}={v}" for k, v in describe_machine().items())
     lines = [
@@ -174,8 +161,8 @@ def write(rows: dict[tuple[str, str], list[dict]], args, started: datetime) -> N
         m, i = rows.get(("motion", name), []), rows.get(("identity", name), [])
         if not m and not i:
             continue
-        cells = [_cell([r["top1"] for r in m]), _cell([r["pair_acc"] for r in m]), _cell([r["top1"] for r in i]),
-                 _cell([r["epoch_s"] for r in m or i], 0), _cell([r["params_m"] for r in m or i], 3)]  # fmt: skip
+        cells = [cell([r["top1"] for r in m]), cell([r["pair_acc"] for r in m]), cell([r["top1"] for r in i]),
+                 cell([r["epoch_s"] for r in m or i], 0), cell([r["params_m"] for r in m or i], 3)]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     path = args.out / "uniformerv2.md"
     reading = ""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from task_fit import train  # the shared loop (this directory is on sys.path)
+from task_fit import cell, train  # the shared loop (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.bench.memory import LiveTensorBytes
 from vitlab.data.loader import BatchLoader
@@ -256,15 +256,6 @@ def add_ratios(rows: dict[str, list[dict]]) -> None:
                 row["top1_diff"] = row["top1"] - same["top1"]
 
 
-def _cell(values: list, digits: int = 1, sign: bool = False) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    m = statistics.fmean(values)
-    text = f"{m:+.{digits}f}" if sign else f"{m:.{digits}f}"
-    return text if len(values) == 1 else f"{text} ± {(max(values) - min(values)) / 2:.{digits}f}"
-
-
 def write(rows: dict[str, list[dict]], args) -> None:
     add_ratios(rows)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -309,7 +300,7 @@ def write(rows: dict[str, list[dict]], args) -> None:
     ]  # fmt: skip
     digits = {"trainable_m": 3, "time_ratio": 2, "mem_ratio": 2}
     for label, runs in rows.items():
-        cells = [_cell([r.get(k) for r in runs], digits.get(k, 1), sign=k == "top1_diff") for k in COLUMNS]
+        cells = [cell([r.get(k) for r in runs], digits.get(k, 1), sign=k == "top1_diff") for k in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     path = args.out / "vivit_recipe.md"
     reading = _reading(path)

@@ -6,9 +6,10 @@ Conventions (every 3-D generator and task reads them from here):
   above the ground, so the ground is the plane ``y = camera_height``; a principal point above the image centre shows
   more ground (a crop of a wider camera). A world frame on the ground below the camera with the same axes has
   ``world_to_cam = [I | (0, camera_height, 0)]``.
-- Pixels: pixel (row r, column c) is the square [c, c + 1) x [r, r + 1) of the image plane, centre (c + 0.5, r + 0.5),
-  the 2-D boxes' convention (a horizontal flip maps u to W - u); OpenCV puts centres at integers, so its principal
-  point is ours minus 0.5. ``K`` maps the camera frame onto it: ``u = fx x / z + cx``, ``v = fy y / z + cy``.
+- Pixels and ``K``: those of ``layers/camera.py`` (the one place of the camera convention: pixel (row r, column c)
+  covers [c, c + 1) x [r, r + 1), centre (c + 0.5, r + 0.5), OpenCV's principal point is ours minus 0.5;
+  ``u = fx x / z + cx``, ``v = fy y / z + cy``), also the 2-D boxes' (a horizontal flip maps u to W - u).
+  :func:`project_points` and :func:`pixel_rays` are thin pinhole forms of its ``project`` and ``pixel_grid``.
 - Boxes (T, 7) ``(x, y, z, w, h, l, yaw)``: the box centre in the camera frame; its sizes along the object's own x
   (width), y (height) and z (length) axes; ``yaw`` turns the object's axes into the camera's about the camera y axis,
   ``R = [[cos, 0, sin], [0, 1, 0], [-sin, 0, cos]]`` (KITTI's ``rotation_y`` matrix), so corner ``(sx, sy, sz)`` is
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ...layers.camera import pixel_grid, project
 from ..errors import DataError
 from .scenes import SceneDataset
 
@@ -63,20 +65,19 @@ def box3d_edges() -> list[tuple[int, int]]:
 
 
 def project_points(points: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
-    """Pixel coordinates (..., 2) of camera-frame points (..., 3) under ``intrinsics`` (..., 3, 3) (broadcast)."""
-    uvw = (intrinsics @ points.unsqueeze(-1)).squeeze(-1)
-    return uvw[..., :2] / uvw[..., 2:]
+    """Pixel coordinates (..., 2) of camera-frame points (..., 3) in front of a pinhole ``intrinsics`` (..., 3, 3)
+    (broadcast): :func:`vitlab.layers.camera.project` without its in-front mask."""
+    return project(points, intrinsics)[0]
 
 
 def pixel_rays(intrinsics: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Rays (..., H, W, 3) through the pixel centres, scaled to z = 1, for ``intrinsics`` (..., 3, 3)."""
+    """Rays (..., H, W, 3) through the pixel centres (:func:`vitlab.layers.camera.pixel_grid`), scaled to z = 1, for a
+    pinhole ``intrinsics`` (..., 3, 3): ``camera_rays`` over their z, computed directly so no rounding is added (the
+    generators threshold on where these rays meet the billboards)."""
     K = intrinsics.to(torch.float32)
-    fx, fy = K[..., 0, 0, None, None], K[..., 1, 1, None, None]
-    cx, cy = K[..., 0, 2, None, None], K[..., 1, 2, None, None]
-    u = torch.arange(W, dtype=torch.float32) + 0.5
-    v = torch.arange(H, dtype=torch.float32) + 0.5
-    dx = ((u.view(1, W) - cx) / fx).expand(*K.shape[:-2], H, W)
-    dy = ((v.view(H, 1) - cy) / fy).expand(*K.shape[:-2], H, W)
+    uv = pixel_grid(H, W)  # (H, W, 2) float32
+    dx = (uv[..., 0] - K[..., 0, 2, None, None]) / K[..., 0, 0, None, None]
+    dy = (uv[..., 1] - K[..., 1, 2, None, None]) / K[..., 1, 1, None, None]
     return torch.stack([dx, dy, torch.ones_like(dx)], dim=-1)
 
 

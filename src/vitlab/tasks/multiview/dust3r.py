@@ -291,25 +291,21 @@ def pairs_from_render3d(
             "cam_to_world": c2w, "depth": batch["depth"][:, :2]}  # fmt: skip
 
 
+# what the pointmap task models (dust3r, vggt) share in the registry
+POINTMAP_SPEC = {
+    "task": "pointmaps", "metric": "pointmap_err", "higher_is_better": False, "paper": PAPER, "kind": "H",
+    "dataset": "render3d", "num_classes": 1, "in_chans": 3, "img_size": 32, "default_backbone": "vit_micro_patch4_28",
+    "test_backbones": ("vit_micro_patch4_28", "univitar_nano_patch4_28"), "backbones": "isotropic",
+}  # fmt: skip
+
 register_task(
     TaskSpec(
         name="dust3r",
-        task="pointmaps",
         builder=Dust3R,
-        metric="pointmap_err",
-        higher_is_better=False,
-        paper=PAPER,
-        kind="H",
-        dataset="render3d",
-        num_classes=1,
-        in_chans=3,
-        img_size=32,
-        default_backbone="vit_micro_patch4_28",
+        **POINTMAP_SPEC,
         description="DUSt3R-style two-view pointmaps: shared ViT encoder, cross-attending RoPE decoders, linear "
         "heads -> both pointmaps in view 1's frame with confidences, confidence-weighted normalised loss",
-        test_backbones=("vit_micro_patch4_28", "univitar_nano_patch4_28"),
         test_kwargs={"img_size": 16, "dec_dim": 32, "dec_depth": 1},
-        backbones="isotropic",
         backbones_reason="the decoders cross-attend between the two views' patch tokens on one shared grid (with "
         "2-D RoPE); a hierarchical backbone has no single token grid",
     )

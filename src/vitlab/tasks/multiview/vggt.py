@@ -39,7 +39,7 @@ from ...layers.camera import invert_pose, transform_points
 from ...layers.pos_embed import grid_positions, rope_2d_angles
 from .._registry import register_task
 from ..base import TaskSpec
-from .dust3r import PAPER, CrossViewBlock, Dust3R
+from .dust3r import POINTMAP_SPEC, CrossViewBlock, Dust3R
 from .geometry import depth_errors, rotation_angle_deg, scale_invariant_error
 
 if TYPE_CHECKING:
@@ -282,22 +282,11 @@ def frames_from_render3d(
 register_task(
     TaskSpec(
         name="vggt",
-        task="pointmaps",
         builder=VGGT,
-        metric="pointmap_err",
-        higher_is_better=False,
-        paper=PAPER,
-        kind="H",
-        dataset="render3d",
-        num_classes=1,
-        in_chans=3,
-        img_size=32,
-        default_backbone="vit_micro_patch4_28",
+        **POINTMAP_SPEC,
         description="VGGT-style multi-view geometry: per-frame camera and register tokens, alternating frame-wise "
         "and global attention, camera head (9-D pose encoding), depth and pointmap heads",
-        test_backbones=("vit_micro_patch4_28", "univitar_nano_patch4_28"),
         test_kwargs={"img_size": 16, "num_frames": 3, "dim": 32, "depth": 1},
-        backbones="isotropic",
         backbones_reason="frame-wise and global attention run over every frame's patch tokens on one shared grid "
         "(with 2-D RoPE); a hierarchical backbone has no single token grid",
     )
