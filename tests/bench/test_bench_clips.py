@@ -17,7 +17,8 @@ def _clip_model(frames: int):
 def test_video_task_models_are_benched_on_clips():
     rows = bench_models(["vit_micro_patch4_28"], batch_size=2, warmup=0, repeats=1, min_seconds=0.0, latency=False,
                         build=lambda name: _clip_model(4))  # fmt: skip
-    assert rows[0].img_size == 16 and rows[0].in_chans == 1
+    assert rows[0].img_size == 16
+    assert rows[0].in_chans == 1
     assert "clips of 4 frames" in rows[0].note
     # a clip of 4 frames costs about four frames: FLOPs scale with T
     two, four = (count_flops(_clip_model(t), (t, 1, 16, 16)) for t in (2, 4))

@@ -196,4 +196,5 @@ def test_cameras_name_a_bad_image_size_and_take_a_float_xi():
     with pytest.raises(CameraError, match="image_size must be a pair of ints"):
         Cameras(K, _poses(2), 16)
     cameras = Cameras(K, _poses(2), (16, 16), xi=0.5)
-    assert cameras.xi.shape == (2,) and float(cameras.xi[0]) == 0.5
+    assert cameras.xi.shape == (2,)
+    assert float(cameras.xi[0]) == 0.5

@@ -296,7 +296,7 @@ def test_adapter_rejects_bad_blocks_and_cameras():
 
 def test_pixel_intrinsics_and_far_cameras_are_not_mistaken_for_singular():
     # float32 P @ P^-1 misses I by far more than 1e-3 when K is in pixels (f = 1500) and cameras sit 20 m away
-    w2c, c2w, K = _cameras(dtype=torch.float32)
+    _, c2w, K = _cameras(dtype=torch.float32)
     c2w = c2w.clone()
     c2w[..., :3, 3] *= 10
     K = K * torch.tensor([1500 / 8, 1500 / 8, 1.0]).view(3, 1)
