@@ -15,11 +15,12 @@ from ..data.errors import ChannelMismatchError
 from ..data.multichannel import load_fashion_mnist_multichannel
 from ..data.multitask import make_fmnist_multitask
 from ..data.synthetic import GENERATORS as SCENE_SETS
-from ..data.synthetic import VIDEO_GENERATORS, make_dataset
+from ..data.synthetic import MULTIVIEW_GENERATORS, VIDEO_GENERATORS, make_dataset
 from ..models import create_model, get_variant
 from .config import ModelConfig, RunConfig
 
 __all__ = [
+    "TaskBatches",
     "backbone_name",
     "build_datasets",
     "build_loader",
@@ -28,8 +29,6 @@ __all__ = [
     "resolve_device",
     "split_holdout",
 ]
-
-Dataset = TensorImageDataset | ImageFolderDataset
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,9 +61,70 @@ def split_holdout(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dat
     return ds.subset(order[n_val:].sort().values), ds.subset(order[:n_val].sort().values)
 
 
+class TaskBatches:
+    """A multi-view set seen through a task's converter (``TaskSpec.data_adapter``): ``collate`` gives the task's
+    batch, its ``image`` still uint8 views, which ``BatchLoader`` then normalises once with the set's mean/std."""
+
+    classes = ("scene",)  # one "class": the task models' num_classes is unused
+
+    def __init__(self, data: Any, convert: Any) -> None:
+        self.data, self.convert = data, convert
+        self.mean, self.std, self.name = data.mean, data.std, data.name
+        self.img_size, self.in_chans = data.img_size, data.in_chans
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.data[i]
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return self.convert(self.data.collate(items))
+
+    def subset(self, n_or_indices: Any, seed: int = 0) -> TaskBatches:
+        return TaskBatches(self.data.subset(n_or_indices, seed), self.convert)
+
+
+Dataset = TensorImageDataset | ImageFolderDataset | TaskBatches
+
+
+def _multiview(cfg: RunConfig, split: str, subset: int | None) -> TaskBatches:
+    """A multi-view generated set for the run's task model, in that task's batch schema."""
+    from ..tasks import get_task, list_tasks
+
+    spec = get_task(cfg.task.task) if cfg.task.task else None
+    if spec is None or spec.data_adapter is None:
+        readers = [t for t in list_tasks() if get_task(t).dataset == cfg.data.dataset and get_task(t).data_adapter]
+        given = f"--task {spec.name}" if spec else "a classifier"
+        raise ValueError(
+            f"--dataset {cfg.data.dataset}: multi-view scenes train the task models that read them "
+            f"(--task {' / '.join(readers) or '(none registered)'}), not {given}"
+        )
+    views, convert = spec.data_adapter(json_keywords("--task-args", cfg.task.task_args))
+    n = subset or (2_000 if split == "train" else 500)
+    size, d = model_img_size(cfg), cfg.data
+    ds = make_dataset(d.dataset, split=split, n=n, seed=cfg.seed, views=views, size=size, data_dir=d.data_dir)
+    return TaskBatches(ds, convert)
+
+
+def _check_task_data(cfg: RunConfig) -> None:
+    """A task that reads a multi-view set (``TaskSpec.data_adapter``) trains on that set only."""
+    if not cfg.task.task:
+        return
+    from ..tasks import get_task
+
+    spec = get_task(cfg.task.task)
+    if spec.data_adapter is not None and cfg.data.dataset != spec.dataset:
+        raise ValueError(
+            f"--task {spec.name} trains on calibrated multi-view scenes: use --dataset {spec.dataset}, "
+            f"not {cfg.data.dataset!r}"
+        )
+
+
 def build_datasets(cfg: RunConfig, splits: tuple[str, ...] = ("train", "test")) -> dict[str, Dataset]:
     """The data sets named by ``cfg.data.dataset``; a folder root needs ``train/`` and ``val/`` (or ``test/``)."""
     d = cfg.data
+    _check_task_data(cfg)
     out: dict[str, Dataset] = {}
     for split in splits:
         subset = d.train_subset if split == "train" else d.test_subset
@@ -80,6 +140,8 @@ def build_datasets(cfg: RunConfig, splits: tuple[str, ...] = ("train", "test")) 
         elif d.dataset in VIDEO_GENERATORS:  # generated clips (B, T, C, H, W) for video task models, cached
             n = subset or (2_000 if split == "train" else 500)
             ds = make_dataset(d.dataset, split=split, n=n, seed=cfg.seed, size=model_img_size(cfg), data_dir=d.data_dir)
+        elif d.dataset in MULTIVIEW_GENERATORS:  # calibrated views for a multi-view task model, cached
+            ds = _multiview(cfg, split, subset)
         elif d.dataset == "fmnist_multitask":  # heterogeneous tasks, one per batch (data/multitask.py)
             n = subset or (3_000 if split == "train" else 500)
             ds = make_fmnist_multitask(split, n=n, seed=cfg.seed, canvas=model_img_size(cfg), data_dir=d.data_dir)

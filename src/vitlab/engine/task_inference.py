@@ -3,7 +3,10 @@
 Segmentation runs get their class colours blended over the image; detection runs (outputs with ``"boxes"``) get
 their boxes drawn, each in its class colour with its class index; multi-task runs their map task's overlay with
 the class answers (task: class index) written below. Generative runs (models with ``sample``) write one grid of
-samples instead, a row per class (``sample_grid``); the image arguments are not read for them.
+samples instead, a row per class (``sample_grid``); the image arguments are not read for them. Multi-view runs
+(tasks with a ``TaskSpec.data_adapter``: dust3r, vggt, ucpe_nvs) predict on the first scenes of their run's test
+split instead (``views_picture``): view 1 | its predicted depth | confidence | true depth, or for novel-view
+synthesis source | predicted target | true target.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from PIL import Image, ImageDraw
 from ..data import load_image, match_channels, normalize, resize_batch
 from .inference import load_trained
 
-__all__ = ["draw_detections", "draw_tasks", "overlay_semantic", "predict_dense", "sample_grid"]
+__all__ = ["draw_detections", "draw_tasks", "overlay_semantic", "predict_dense", "sample_grid", "views_picture"]
 
 
 def _rgb(image: torch.Tensor) -> np.ndarray:
@@ -103,6 +106,68 @@ def sample_grid(model: Any, mean: Sequence[float], std: Sequence[float], per_cla
     return Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
+def _colour(values: torch.Tensor, valid: torch.Tensor, cmap: str) -> np.ndarray:
+    """A (H, W) map -> uint8 (H, W, 3) through ``cmap``, scaled to its valid pixels' 2-98 % range (invalid: black)."""
+    import matplotlib
+
+    v = values.float()
+    inside = v[valid] if bool(valid.any()) else v.flatten()
+    lo, hi = (float(q) for q in torch.quantile(inside, torch.tensor([0.02, 0.98])))
+    rgb = matplotlib.colormaps[cmap](((v - lo) / max(hi - lo, 1e-8)).clamp(0, 1).numpy())[..., :3]
+    return (rgb * 255 * valid.numpy()[..., None]).astype(np.uint8)
+
+
+def views_picture(raw: dict[str, torch.Tensor], pred: dict[str, torch.Tensor], scale: int = 4) -> Image.Image:
+    """One row per scene of ``raw`` (a collated multi-view batch: uint8 ``views``, ``depth``): view 1, its predicted
+    depth (``pred["depth"]``) and confidence, the true depth; or (``pred["target"]`` in the ucpe_nvs normalised
+    space) view 1, the predicted view 2 and the true view 2. Enlarged ``scale`` times."""
+    rows = []
+    for b in range(raw["views"].shape[0]):
+        view1 = raw["views"][b, 0].permute(1, 2, 0).numpy()
+        if "target" in pred:
+            from ..tasks.multiview.ucpe import PIXEL_MEAN, PIXEL_STD
+
+            guess = (pred["target"][b].float().cpu() * PIXEL_STD + PIXEL_MEAN).clamp(0, 1) * 255
+            tiles = [
+                view1,
+                guess.permute(1, 2, 0).numpy().astype(np.uint8),
+                raw["views"][b, 1].permute(1, 2, 0).numpy(),
+            ]
+        else:
+            depth, conf = (pred[k][b].float().cpu() for k in ("depth", "confidence"))
+            depth, conf = depth[0] if depth.ndim == 3 else depth, conf[0]
+            everywhere = torch.ones_like(depth, dtype=torch.bool)
+            valid = raw["depth"][b, 0] > 0
+            tiles = [view1, _colour(depth, everywhere, "viridis"), _colour(conf, everywhere, "magma"),
+                     _colour(raw["depth"][b, 0], valid, "viridis")]  # fmt: skip
+        rows.append(np.concatenate([t.astype(np.uint8) for t in tiles], axis=1))
+    picture = np.concatenate(rows, axis=0).repeat(scale, 0).repeat(scale, 1)
+    return Image.fromarray(picture)
+
+
+@torch.inference_mode()
+def _predict_views(model: Any, meta: dict[str, Any], run: Path | None, out_dir: Path, count: int = 4) -> Path:
+    """``views_picture`` of the first ``count`` test scenes of the run's multi-view data set."""
+    from .config import load_config
+    from .setup import build_datasets
+
+    if run is None:
+        raise ValueError(f"{meta['task']!r} predicts on its run's test scenes: give the run directory, not a file")
+    cfg = load_config(run / "config.json")
+    cfg.model.img_size = meta["img_size"]
+    cfg.data.test_subset = cfg.data.test_subset or count
+    ds = build_datasets(cfg, splits=("test",))["test"]
+    items = [ds[i] for i in range(min(count, len(ds)))]
+    batch = ds.collate(items)
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch["image"] = normalize(batch["image"], meta["mean"], meta["std"])
+    pred = model.postprocess(model(batch["image"], **model.forward_kwargs(batch)))
+    target = out_dir / "views.png"
+    views_picture(ds.data.collate(items), {k: v.cpu() for k, v in pred.items()}).save(target)
+    return target
+
+
 @torch.inference_mode()
 def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | Path | None = None,
                   device: str = "cpu") -> list[Path]:  # fmt: skip
@@ -115,6 +180,15 @@ def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | P
         target = out_dir / "samples.png"
         sample_grid(model, meta["mean"], meta["std"]).save(target)
         return [target]
+    from ..tasks import get_task
+
+    if get_task(meta["task"]).data_adapter is not None:  # multi-view: its test scenes; the images are not read
+        if images:
+            raise ValueError(
+                f"{meta['task']!r} runs take calibrated multi-view scenes, not image files: run `vitlab predict "
+                "--checkpoint RUN` without images to draw its first test scenes"
+            )
+        return [_predict_views(model, meta, run, out_dir)]
     if not images:
         raise ValueError(f"images: give at least one image file for the {meta.get('task')!r} run {checkpoint}")
     written = []

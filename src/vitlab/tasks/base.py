@@ -46,6 +46,9 @@ class TaskSpec:
         test_kwargs: keywords that make the contract test's model tiny (e.g. ``img_size``).
         backbones: which backbone topologies it takes: "any", "isotropic" or "hierarchical" (then
             ``backbones_reason`` says why, and the two ``test_backbones`` are of that topology, different families).
+        data_adapter: for a task that trains on a multi-view set (``dataset``, e.g. render3d): ``data_adapter(
+            task_kwargs)`` -> ``(views per scene, convert)``; ``convert`` maps the set's collated batch to this task's
+            batch with ``image`` left uint8 (the engine's loader normalises it once, with the set's mean/std).
     """
 
     name: str
@@ -71,6 +74,7 @@ class TaskSpec:
     backbones: str = "any"
     backbones_reason: str = ""
     description: str = ""
+    data_adapter: Callable[[dict[str, Any]], tuple[int, Callable[..., dict[str, Any]]]] | None = None
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -277,18 +277,33 @@ class Dust3R(VideoTaskModel):
         return {"image": image, "pointmap": pointmap, "valid": valid, "depth": depth, "K": K, "cam_to_world": c2w}
 
 
-def pairs_from_render3d(
-    batch: Mapping[str, torch.Tensor], mean: tuple[float, ...], std: tuple[float, ...]
-) -> dict[str, torch.Tensor]:
-    """A collated Render3D batch (``Render3DDataset.collate``) -> a dust3r batch: views normalised by ``mean``/``std``,
-    pointmaps of the first two views in view 1's camera frame, their valid masks and cameras."""
-    views = batch["views"][:, :2].float() / 255
+def normalise_views(views: torch.Tensor, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> torch.Tensor:
+    """uint8 views (B, V, C, H, W) -> ``(x / 255 - mean) / std`` float; left uint8 when ``mean`` is None (the engine's
+    loader normalises ``image`` itself, so a converter it calls must not)."""
+    if mean is None or std is None:
+        return views
     m, s = torch.tensor(mean).view(1, 1, -1, 1, 1), torch.tensor(std).view(1, 1, -1, 1, 1)
+    return (views.float() / 255 - m) / s
+
+
+def pairs_from_render3d(
+    batch: Mapping[str, torch.Tensor], mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+) -> dict[str, torch.Tensor]:
+    """A collated Render3D batch (``Render3DDataset.collate``) -> a dust3r batch: views normalised by ``mean``/``std``
+    (uint8 when not given), pointmaps of the first two views in view 1's camera frame, their valid masks and cameras."""
+    if batch["views"].shape[1] < 2:
+        raise ValueError(f"dust3r needs scenes of at least 2 views, got views {tuple(batch['views'].shape)}")
     c2w = batch["cam_to_world"][:, :2]
     to_view1 = invert_pose(c2w[:, 0])[:, None, None, None]
     pointmap = torch.where(batch["valid"][:, :2, ..., None], transform_points(to_view1, batch["pointmap"][:, :2]), 0)
-    return {"image": (views - m) / s, "pointmap": pointmap, "valid": batch["valid"][:, :2], "K": batch["K"][:, :2],
-            "cam_to_world": c2w, "depth": batch["depth"][:, :2]}  # fmt: skip
+    return {"image": normalise_views(batch["views"][:, :2], mean, std), "pointmap": pointmap,
+            "valid": batch["valid"][:, :2], "K": batch["K"][:, :2], "cam_to_world": c2w,
+            "depth": batch["depth"][:, :2]}  # fmt: skip
+
+
+def _pairs_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any]:
+    """``TaskSpec.data_adapter``: render3d scenes of 2 views, converted by :func:`pairs_from_render3d`."""
+    return 2, pairs_from_render3d
 
 
 # what the pointmap task models (dust3r, vggt) share in the registry
@@ -306,6 +321,7 @@ register_task(
         description="DUSt3R-style two-view pointmaps: shared ViT encoder, cross-attending RoPE decoders, linear "
         "heads -> both pointmaps in view 1's frame with confidences, confidence-weighted normalised loss",
         test_kwargs={"img_size": 16, "dec_dim": 32, "dec_depth": 1},
+        data_adapter=_pairs_adapter,
         backbones_reason="the decoders cross-attend between the two views' patch tokens on one shared grid (with "
         "2-D RoPE); a hierarchical backbone has no single token grid",
     )

@@ -68,16 +68,27 @@ PAPER = Paper(40, "Unified Camera Positional Encoding for Controlled Video Gener
               "https://github.com/chengzhag/UCPE", kind="C")  # fmt: skip
 
 
-def nvs_batch(sample: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def nvs_batch(sample: Mapping[str, torch.Tensor], normalise_image: bool = True) -> dict[str, torch.Tensor]:
     """A collated Render3D 2-view batch (``views`` uint8 ``(B, 2, 3, H, W)`` and cameras) -> this task's batch.
 
-    ``image`` is view 0, ``target`` view 1, both normalised with ``PIXEL_MEAN``/``PIXEL_STD``.
+    ``image`` is view 0, ``target`` view 1, both normalised with ``PIXEL_MEAN``/``PIXEL_STD``; with
+    ``normalise_image=False`` ``image`` stays uint8 (the engine's loader normalises it with the data set's mean/std).
     """
-    views = sample["views"].float() / 255
+    views = sample["views"]
     if views.ndim != 5 or views.shape[1] != 2:
         raise ValueError(f"views must be (B, 2, 3, H, W) (source, target), got {tuple(views.shape)}")
-    views = (views - PIXEL_MEAN) / PIXEL_STD
-    return {"image": views[:, 0], "target": views[:, 1], **{k: sample[k].float() for k in CAMERA_KEYS}}
+    scaled = (views.float() / 255 - PIXEL_MEAN) / PIXEL_STD
+    image = scaled[:, 0] if normalise_image else views[:, 0]
+    return {"image": image, "target": scaled[:, 1], **{k: sample[k].float() for k in CAMERA_KEYS}}
+
+
+def _engine_batch(sample: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return nvs_batch(sample, normalise_image=False)
+
+
+def _nvs_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any]:
+    """``TaskSpec.data_adapter``: render3d scenes of 2 views (source, target), converted by :func:`nvs_batch`."""
+    return 2, _engine_batch
 
 
 class UCPENovelView(TaskModel):
@@ -319,5 +330,6 @@ register_task(
         "attention adapter)",
         test_backbones=("vit_micro_patch4_28", "deit_tiny_distilled_patch4_28"),
         test_kwargs={"img_size": 16, "compress": 1},
+        data_adapter=_nvs_adapter,
     )
 )

@@ -39,7 +39,7 @@ from ...layers.camera import invert_pose, transform_points
 from ...layers.pos_embed import grid_positions, rope_2d_angles
 from .._registry import register_task
 from ..base import TaskSpec
-from .dust3r import POINTMAP_SPEC, CrossViewBlock, Dust3R
+from .dust3r import POINTMAP_SPEC, CrossViewBlock, Dust3R, normalise_views
 from .geometry import depth_errors, rotation_angle_deg, scale_invariant_error
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["VGGT", "frames_from_render3d", "matrix_to_quaternion", "pose_encoding", "quaternion_to_matrix"]
 
 METRICS = ("pointmap_err", "depth_absrel", "depth_delta1", "rot_err_deg", "fov_err_deg")
+NUM_FRAMES = 4  # frames per sample by default
 
 
 def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
@@ -133,7 +134,7 @@ class VGGT(Dust3R):
         in_chans: int,
         img_size: int,
         backbone_kwargs: dict[str, Any] | None = None,
-        num_frames: int = 4,
+        num_frames: int = NUM_FRAMES,
         dim: int = 64,
         depth: int = 2,
         heads: int = 2,
@@ -262,21 +263,25 @@ class VGGT(Dust3R):
 
 
 def frames_from_render3d(
-    batch: Mapping[str, torch.Tensor], mean: tuple[float, ...], std: tuple[float, ...]
+    batch: Mapping[str, torch.Tensor], mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
 ) -> dict[str, torch.Tensor]:
-    """A collated Render3D batch of V views -> a vggt batch (every view; pointmaps in view 1's camera frame)."""
-    views = batch["views"].float() / 255
-    m, s = torch.tensor(mean).view(1, 1, -1, 1, 1), torch.tensor(std).view(1, 1, -1, 1, 1)
+    """A collated Render3D batch of V views -> a vggt batch (every view; pointmaps in view 1's camera frame); views
+    normalised by ``mean``/``std``, uint8 when not given."""
     to_view1 = invert_pose(batch["cam_to_world"][:, 0])[:, None, None, None]
     pointmap = torch.where(batch["valid"][..., None], transform_points(to_view1, batch["pointmap"]), 0)
     return {
-        "image": (views - m) / s,
+        "image": normalise_views(batch["views"], mean, std),
         "pointmap": pointmap,
         "valid": batch["valid"],
         "K": batch["K"],
         "cam_to_world": batch["cam_to_world"],
         "depth": batch["depth"],
     }
+
+
+def _frames_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any]:
+    """``TaskSpec.data_adapter``: render3d scenes of ``num_frames`` views, converted by :func:`frames_from_render3d`."""
+    return task_kwargs.get("num_frames", NUM_FRAMES), frames_from_render3d
 
 
 register_task(
@@ -287,6 +292,7 @@ register_task(
         description="VGGT-style multi-view geometry: per-frame camera and register tokens, alternating frame-wise "
         "and global attention, camera head (9-D pose encoding), depth and pointmap heads",
         test_kwargs={"img_size": 16, "num_frames": 3, "dim": 32, "depth": 1},
+        data_adapter=_frames_adapter,
         backbones_reason="frame-wise and global attention run over every frame's patch tokens on one shared grid "
         "(with 2-D RoPE); a hierarchical backbone has no single token grid",
     )

@@ -1,0 +1,91 @@
+"""``vitlab train --task dust3r / vggt / ucpe_nvs --dataset render3d``: the engine reads the multi-view set through
+the task's ``TaskSpec.data_adapter`` (engine/setup.py ``TaskBatches``), trains, reloads, evaluates and predicts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from vitlab.engine import RunConfig, load_trained, train
+from vitlab.engine.inference import evaluate_run
+from vitlab.engine.setup import build_datasets, build_loader
+from vitlab.engine.task_inference import predict_dense
+from vitlab.tasks.multiview import VGGT, Dust3R, UCPENovelView, frames_from_render3d, pairs_from_render3d
+
+TINY_BACKBONE = '{"embed_dim": 32, "depth": 1, "num_heads": 2}'
+CASES = {  # task: (task args, model class, primary metric, picture tiles per row)
+    "dust3r": ('{"dec_dim": 32, "dec_depth": 1}', Dust3R, "pointmap_err", 4),
+    "vggt": ('{"num_frames": 3, "dim": 32, "depth": 1}', VGGT, "pointmap_err", 4),
+    "ucpe_nvs": ('{"compress": 1}', UCPENovelView, "psnr", 3),
+}
+
+
+def _cfg(tmp_path, task: str, dataset: str = "render3d") -> RunConfig:
+    cfg = RunConfig(out=str(tmp_path / "runs"), name=task, log_every=1, device="cpu")
+    cfg.task.task, cfg.task.task_args, cfg.task.backbone_args = task, CASES[task][0], TINY_BACKBONE
+    cfg.data.dataset, cfg.model.img_size = dataset, 16
+    cfg.data.train_subset, cfg.data.test_subset, cfg.data.batch_size = 16, 8, 8
+    cfg.optim.steps = 2
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("task", ["dust3r", "ucpe_nvs", "vggt"])
+def test_train_reload_evaluate_predict(tmp_path, task):
+    args, cls, primary, tiles = CASES[task]
+    run = train(_cfg(tmp_path, task))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["primary_metric"] == primary
+    assert summary["steps"] == 2
+    model, meta, _ = load_trained(run)
+    assert isinstance(model, cls)
+    assert meta["task_args"] == json.loads(args)
+    # the reloaded final checkpoint scores what training reported on the same test scenes
+    scores = evaluate_run(run, device="cpu")
+    assert scores["num_images"] == 8
+    assert scores[primary] == pytest.approx(summary[f"test_{primary}"], rel=1e-5)
+    (picture,) = predict_dense([], run)
+    assert picture.name == "views.png"
+    assert Image.open(picture).size == (tiles * 16 * 4, 4 * 16 * 4)  # a row per scene, enlarged 4 times
+
+
+@pytest.mark.parametrize(
+    ("task", "convert", "views"), [("dust3r", pairs_from_render3d, 2), ("vggt", frames_from_render3d, 3)]
+)
+def test_loader_normalises_views_once(tmp_path, task, convert, views):
+    cfg = _cfg(tmp_path, task)
+    ds = build_datasets(cfg, splits=("test",))["test"]
+    assert ds.data.num_views == views  # the set is generated with the views the task takes
+    batch = next(build_loader(ds, cfg, train=False, in_chans=3).iter_batches(0))
+    raw = ds.data.collate([ds.data[i] for i in range(8)])
+    ref = convert(raw, ds.mean, ds.std)  # the converter's own normalisation, for the benchmarks
+    assert batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (8, views, 3, 16, 16)
+    torch.testing.assert_close(batch["image"], ref["image"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch["pointmap"], ref["pointmap"])
+
+
+def test_bad_pairings_fail_clearly(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"--task dust3r trains on calibrated multi-view scenes: use --dataset render3d"
+    ):
+        train(_cfg(tmp_path, "dust3r", dataset="fashion_mnist"))
+    cfg = _cfg(tmp_path, "dust3r")
+    cfg.task.task, cfg.task.task_args, cfg.task.backbone_args = "segmentation", "", ""
+    with pytest.raises(ValueError, match=r"multi-view scenes train the task models that read them.*dust3r"):
+        build_datasets(cfg, splits=("test",))
+    run = train(_cfg(tmp_path, "dust3r"))
+    with pytest.raises(ValueError, match="not image files"):
+        predict_dense(["view.png"], run)
+    lone = tmp_path / "lone.safetensors"  # a checkpoint outside its run: no config names the data set
+    shutil.copy(run / "checkpoints" / "final.safetensors", lone)
+    with pytest.raises(ValueError, match="give the run directory"):
+        predict_dense([], lone)
