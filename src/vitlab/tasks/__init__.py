@@ -5,7 +5,7 @@
 this package registers every task model.
 """
 
-from . import detection, generative, multitask, multiview, segmentation, video
+from . import detection, generative, multitask, multiview, pose3d, segmentation, video
 from ._backbone import BackbonePyramid, create_backbone, feature_dicts
 from ._registry import TASKS, UnknownTaskError, create_task_model, get_task, list_tasks, register_task
 from .base import TaskModel, TaskSpec
@@ -25,6 +25,7 @@ __all__ = [
     "list_tasks",
     "multitask",
     "multiview",
+    "pose3d",
     "register_task",
     "segmentation",
     "video",

@@ -1,0 +1,113 @@
+"""Multi-HMR's parts (paper 35, :mod:`.multihmr`): focal-normalised log-nearness, the CenterNet centre target and
+focal loss, 3x3 max-pool NMS, greedy 2-D matching and the Human Prediction Head's block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+__all__ = [
+    "MAX_DEPTH",
+    "HPHBlock",
+    "centre_focal_loss",
+    "centre_target",
+    "depth_to_nearness",
+    "match_detections",
+    "nearness_to_depth",
+    "peak_nms",
+]
+
+MAX_DEPTH = 50.0
+
+
+def depth_to_nearness(z: torch.Tensor, focal: torch.Tensor, f_ref: float) -> torch.Tensor:
+    """Log-nearness normalised by focal length: ``log(f / (f_ref z))``."""
+    return torch.log(focal / (f_ref * z.clamp_min(1e-6)))
+
+
+def nearness_to_depth(n: torch.Tensor, focal: torch.Tensor, f_ref: float) -> torch.Tensor:
+    """The inverse of :func:`depth_to_nearness`: ``z = f / f_ref exp(-n)``, clipped at 50 m."""
+    return (focal / f_ref * torch.exp(-n)).clamp(max=MAX_DEPTH)
+
+
+def centre_target(centres: torch.Tensor, mask: torch.Tensor, side: int, stride: float, sigma: float) -> torch.Tensor:
+    """CenterNet target ``(B, side, side)``: per cell the largest Gaussian (``sigma`` cells) of the people's centres,
+    exactly 1 in the cell holding a centre; ``centres`` (B, P, 2) pixels, ``mask`` (B, P)."""
+    c = centres / stride  # token units
+    cell = c.floor().clamp(0, side - 1)
+    grid = torch.arange(side, dtype=centres.dtype, device=centres.device) + 0.5
+    d2 = (grid[None, None, None, :] - (cell[..., 0, None, None] + 0.5)) ** 2
+    d2 = d2 + (grid[None, None, :, None] - (cell[..., 1, None, None] + 0.5)) ** 2
+    g = torch.exp(-d2 / (2 * sigma**2)) * mask[..., None, None]
+    return g.amax(1) if g.shape[1] else centres.new_zeros(centres.shape[0], side, side)
+
+
+def centre_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0):
+    """CenterNet's focal loss (sum over cells / number of peaks, at least 1); peaks are cells where target == 1."""
+    pos = target >= 1.0
+    log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = logits.sigmoid()
+    pos_term = -((1 - p) ** alpha) * log_p
+    neg_term = -((1 - target) ** beta) * p**alpha * log_1mp
+    total = torch.where(pos, pos_term, neg_term).sum()
+    return total / pos.sum().clamp_min(1)
+
+
+def peak_nms(scores: torch.Tensor, k: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """3x3 max-pool NMS on ``scores`` (B, h, w) in [0, 1] -> the ``k`` best peaks: flat indices (B, k), their
+    scores (B, k) and validity (score >= ``threshold`` and a local maximum) (B, k)."""
+    peaks = scores * (F.max_pool2d(scores[:, None], 3, 1, 1)[:, 0] == scores)
+    top, idx = peaks.flatten(1).topk(k, dim=1)
+    return idx, top, top >= threshold
+
+
+def match_detections(pred: torch.Tensor, valid: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, radius: float):
+    """Greedy matching by 2-D distance, closest pairs first: ``pred`` (Q, 2), ``gt`` (P, 2) -> list of (q, p) pairs
+    with distance <= ``radius``."""
+    dist = torch.cdist(pred.float(), gt.float())
+    dist = dist.masked_fill(~valid[:, None] | ~mask[None, :], float("inf"))
+    pairs = []
+    for _ in range(min(int(valid.sum()), int(mask.sum()))):
+        flat = int(dist.argmin())
+        q, p = divmod(flat, dist.shape[1])
+        if not dist[q, p] <= radius:
+            break
+        pairs.append((q, p))
+        dist[q, :], dist[:, p] = float("inf"), float("inf")
+    return pairs
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.q, self.kv = heads, nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        h = self.heads
+        q = self.q(x).view(B, N, h, D // h).transpose(1, 2)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None])
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class HPHBlock(nn.Module):
+    """Pre-norm block of the Human Prediction Head: self-attention among persons, cross-attention to tokens, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(dim), _Attention(dim, heads)
+        self.norm2, self.norm_ctx, self.cross_attn = nn.LayerNorm(dim), nn.LayerNorm(dim), _Attention(dim, heads)
+        self.norm3, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        Q = q.shape[1]
+        # persons attend to the valid persons, always to themselves (no empty row)
+        mask = valid[:, None, :] | torch.eye(Q, dtype=torch.bool, device=q.device)[None]
+        y = self.norm1(q)
+        q = q + self.self_attn(y, y, mask)
+        q = q + self.cross_attn(self.norm2(q), self.norm_ctx(tokens))
+        return q + self.mlp(self.norm3(q))

@@ -1,0 +1,151 @@
+"""Multi-HMR task model (paper 35): shapes, the loss against a hand computation, log-nearness, rays, NMS, matching."""
+
+import math
+
+import pytest
+import torch
+
+from vitlab.layers.camera import intrinsics_from_fov
+from vitlab.tasks import create_task_model
+from vitlab.tasks.pose3d.multihmr import (
+    centre_focal_loss,
+    centre_target,
+    depth_to_nearness,
+    match_detections,
+    nearness_to_depth,
+    peak_nms,
+)
+
+
+def _model(**kw):
+    kw = {"img_size": 16, "head_dim": 32, "hph_depth": 1, "hph_heads": 2, **kw}
+    return create_task_model("multihmr", "vit_micro_patch4_28", backbone_kwargs={"depth": 1}, **kw)
+
+
+@pytest.mark.parametrize("head", ["hph", "mlp"])
+def test_shapes_teacher_forced_and_detected(head):
+    model = _model(head=head).train()
+    batch = model.example_batch(3, torch.Generator().manual_seed(1))
+    out = model(batch["image"], **model.forward_kwargs(batch))
+    assert out["score_logits"].shape == (3, 4, 4)
+    assert out["offset"].shape == (3, 4, 4, 2)
+    assert out["gt_joints_rel"].shape == (3, 3, 15, 3)
+    assert out["det_joints_rel"].shape == (3, 3, 15, 3)
+    assert out["gt_nearness"].shape == out["det_depth"].shape == (3, 3)
+    assert torch.equal(out["gt_joints_rel"][:, :, 0], torch.zeros(3, 3, 3))  # root-relative
+    preds = model.postprocess(out)
+    assert preds["joints_cam"].shape == batch["joints_cam"].shape
+
+
+def test_log_nearness_round_trip_and_focal_normalisation():
+    z = torch.tensor([0.5, 2.0, 7.5])
+    f = torch.tensor([20.0, 40.0, 13.0])
+    n = depth_to_nearness(z, f, 16.0)
+    assert torch.allclose(nearness_to_depth(n, f, 16.0), z)
+    # same apparent size (f / z) -> same nearness, whatever the focal length
+    assert torch.allclose(depth_to_nearness(2 * z, 2 * f, 16.0), n)
+    assert nearness_to_depth(torch.tensor(-100.0), torch.tensor(16.0), 16.0) == 50.0  # clipped at 50 m
+
+
+def test_centre_target_and_focal_loss_by_hand():
+    centres = torch.tensor([[[5.0, 9.0], [0.0, 0.0]]])  # pixel (5, 9) -> cell (x 1, y 2) at stride 4
+    mask = torch.tensor([[1.0, 0.0]])
+    target = centre_target(centres, mask, 4, 4.0, 1.0)
+    assert target[0, 2, 1] == 1.0
+    assert (target == 1).sum() == 1
+    assert target[0, 2, 2] == pytest.approx(math.exp(-0.5))
+    assert target[0, 0, 3] == pytest.approx(math.exp(-(4 + 4) / 2))
+    logits = torch.zeros(1, 4, 4)
+    logits[0, 2, 1] = 1.0
+    p = torch.sigmoid(logits)
+    pos = -((1 - p[0, 2, 1]) ** 2) * torch.log(p[0, 2, 1])
+    neg = sum(
+        -((1 - target[0, i, j]) ** 4) * p[0, i, j] ** 2 * torch.log(1 - p[0, i, j])
+        for i in range(4)
+        for j in range(4)
+        if (i, j) != (2, 1)
+    )
+    assert centre_focal_loss(logits, target) == pytest.approx(float(pos + neg), rel=1e-5)
+
+
+def test_loss_terms_on_a_tiny_case():
+    model = _model().train()
+    batch = model.example_batch(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(batch["image"], **model.forward_kwargs(batch))
+        losses = model.loss(out, batch)
+    m = batch["person_mask"].float()
+    rel = batch["joints_cam"] - batch["joints_cam"][:, :, :1]
+    l_joints = ((out["gt_joints_rel"] - rel).abs().mean((-1, -2)) * m).sum() / m.sum()
+    assert losses["joints"] == pytest.approx(float(l_joints), rel=1e-5)
+    f = batch["K"][:, 0, 0]
+    n_gt = torch.log(f[:, None] / (16.0 * batch["joints_cam"][:, :, 0, 2].clamp_min(1e-6)))
+    l_depth = ((out["gt_nearness"] - n_gt).abs() * m).sum() / m.sum()
+    assert losses["nearness"] == pytest.approx(float(l_depth), rel=1e-5)
+    parts = losses["focal"] + losses["offset"] + 5 * losses["joints"] + losses["nearness"]
+    assert losses["loss"] == pytest.approx(float(parts), rel=1e-5)
+    with pytest.raises(ValueError, match="batch\\['joints_cam'\\]"):
+        model.loss(out, {**batch, "joints_cam": batch["joints_cam"][..., :2]})
+
+
+@pytest.mark.parametrize("ray_embed", [True, False])
+def test_ray_embedding_makes_the_head_see_the_camera(ray_embed):
+    torch.manual_seed(0)
+    model = _model(ray_embed=ray_embed).eval()
+    batch = model.example_batch(2, torch.Generator().manual_seed(0))
+    K1 = intrinsics_from_fov(torch.full((2,), math.radians(50.0)), 16, 16)
+    K2 = intrinsics_from_fov(torch.full((2,), math.radians(85.0)), 16, 16)
+    kw = {"centre_2d": batch["centre_2d"], "person_mask": batch["person_mask"]}
+    with torch.no_grad():
+        a, b = model(batch["image"], K=K1, **kw), model(batch["image"], K=K2, **kw)
+    for key in ("score_logits", "gt_joints_rel", "gt_nearness"):
+        assert torch.allclose(a[key], b[key]) != ray_embed, key
+
+
+def test_bad_cameras_are_named():
+    model = _model().eval()
+    image = model.example_batch(2)["image"]
+    with pytest.raises(ValueError, match="K must be"):
+        model(image, K=torch.eye(3))
+    with pytest.raises(ValueError, match="K"):
+        model(image, K=torch.zeros(2, 3, 3))
+
+
+def test_nms_picks_peaks():
+    scores = torch.zeros(1, 5, 5)
+    scores[0, 1, 1], scores[0, 1, 2] = 0.9, 0.8  # a neighbour of a higher peak is suppressed
+    scores[0, 3, 4] = 0.6
+    scores[0, 4, 0] = 0.2  # a peak below the threshold
+    idx, top, valid = peak_nms(scores, 3, 0.3)
+    assert idx[0].tolist() == [6, 19, 20]
+    assert top[0].tolist() == pytest.approx([0.9, 0.6, 0.2])
+    assert valid[0].tolist() == [True, True, False]
+
+
+def test_matching_is_greedy_within_radius():
+    pred = torch.tensor([[10.0, 10.0], [30.0, 30.0], [11.0, 10.0]])
+    gt = torch.tensor([[10.5, 10.0], [50.0, 50.0]])
+    pairs = match_detections(pred, torch.tensor([True, True, True]), gt, torch.tensor([True, True]), 4.0)
+    assert pairs == [(0, 0)] or pairs == [(2, 0)]
+    assert match_detections(pred, torch.tensor([False, True, False]), gt, torch.tensor([True, True]), 4.0) == []
+
+
+def test_perfect_detections_score_full_f1_and_zero_error():
+    model = _model().eval()
+    batch = model.example_batch(2, torch.Generator().manual_seed(3))
+    mask, joints = batch["person_mask"], batch["joints_cam"]
+    out = {
+        "score_logits": torch.zeros(2, 4, 4),
+        "det_valid": mask,
+        "det_centre": batch["centre_2d"],
+        "det_joints_rel": joints - joints[:, :, :1],
+        "det_depth": joints[:, :, 0, 2],
+        "det_root": joints[:, :, 0],
+    }
+    metrics = model.build_metrics()
+    model.update_metrics(metrics, out, batch)
+    s = model.summarize_metrics(metrics)
+    assert s["f1"] == pytest.approx(100.0)
+    assert s["mpjpe"] == pytest.approx(0.0, abs=1e-3)
+    assert s["mrpe"] == pytest.approx(0.0, abs=1e-3)
+    assert s["matched"] == mask.sum()
