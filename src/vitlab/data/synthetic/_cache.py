@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "cache_file", "cache_root", "load_or_generate"]
+__all__ = ["atomic_write", "cache_file", "cache_root", "load_npz_set", "load_or_generate", "save_npz_set"]
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -69,3 +69,46 @@ def load_or_generate(
     if path is not None:
         scenes.save(path, key=key)
     return scenes
+
+
+def save_npz_set(path: str | Path, arrays: dict[str, Any], meta: dict[str, Any], version: int) -> Path:
+    """Tensors ``arrays`` and JSON ``meta`` (plus ``format_version``) as one compressed ``.npz``, written atomically."""
+    import numpy as np
+
+    out = {k: v.numpy() for k, v in arrays.items()}
+    out["meta"] = np.frombuffer(json.dumps({"format_version": version, **meta}).encode(), dtype=np.uint8)
+    return atomic_write(path, lambda f: np.savez_compressed(f, **out))
+
+
+def load_npz_set(
+    path: str | Path, names: tuple[str, ...], what: str, version: int, key: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tensors ``names`` and the meta of a file written by :func:`save_npz_set`; ``what`` names the set in errors.
+
+    Raises:
+        DataError: the file is missing, unreadable, of another format version, or (with ``key``) of other parameters.
+    """
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    from ..errors import DataError
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in (*names, "meta") if k not in npz.files]
+            if missing:
+                raise DataError(f"{what} file {path} lacks arrays {missing}")
+            arrays = {k: torch.from_numpy(npz[k]) for k in names}
+            meta = json.loads(npz["meta"].tobytes().decode())
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cannot read {what} file {path}: {type(e).__name__}: {e}") from e
+    if meta.get("format_version") != version:
+        raise DataError(f"{what} file {path} has format version {meta.get('format_version')}; expected {version}")
+    if key is not None and meta.get("key") != json.loads(json.dumps(key)):
+        raise DataError(f"{what} file {path} was generated with other parameters than asked for")
+    return arrays, meta

@@ -14,7 +14,6 @@ joints, cameras, depth and ids (:func:`.humans.annotate`), so they always agree 
 """
 
 import json
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from ...layers.camera import Cameras
 from ..errors import DataError
-from ._cache import atomic_write, load_or_generate
+from ._cache import atomic_write, load_npz_set, load_or_generate, save_npz_set
 from .fmnist_scenes import _SPLIT_TAG, SPLITS, _check_range
 from .humans import (
     NUM_JOINTS,
@@ -150,38 +149,17 @@ class HumansDataset:
 
     def save(self, path: str | Path, key: dict[str, Any] | None = None) -> Path:
         """Write the set as one compressed ``.npz`` (atomically); ``key`` is stored to validate a cache entry."""
-        arrays = {k: getattr(self, k).numpy() for k in _ARRAYS}
-        meta = {"format_version": _FORMAT_VERSION, "mean": self.mean, "std": self.std, "name": self.name}
-        meta |= {"params": self.params, "key": key, "stride": self.stride, "sigma": self.sigma}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        self.path = atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+        meta = {"mean": self.mean, "std": self.std, "name": self.name, "params": self.params, "key": key}
+        meta |= {"stride": self.stride, "sigma": self.sigma}
+        self.path = save_npz_set(path, {k: getattr(self, k) for k in _ARRAYS}, meta, _FORMAT_VERSION)
         return self.path
 
     @classmethod
     def load(cls, path: str | Path, key: dict[str, Any] | None = None) -> "HumansDataset":
-        """Read a set written by :meth:`save`; with ``key``, the stored key must match it.
-
-        Raises:
-            DataError: the file is missing, unreadable, of another format, or (with ``key``) of other parameters.
-        """
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                missing = [k for k in (*_ARRAYS, "meta") if k not in npz.files]
-                if missing:
-                    raise DataError(f"humans file {path} lacks arrays {missing}")
-                arrays = {k: torch.from_numpy(npz[k]) for k in _ARRAYS}
-                meta = json.loads(npz["meta"].tobytes().decode())
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"cannot read humans file {path}: {type(e).__name__}: {e}") from e
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise DataError(f"humans file {path} has format version {meta.get('format_version')}; expected 1")
-        if key is not None and meta.get("key") != json.loads(json.dumps(key)):
-            raise DataError(f"humans file {path} was generated with other parameters than asked for")
-        return cls(**arrays, stride=meta["stride"], sigma=meta["sigma"], mean=tuple(meta["mean"]),
-                   std=tuple(meta["std"]), name=meta["name"], params=meta["params"], path=path)  # fmt: skip
+        """Read a set written by :meth:`save`; with ``key``, the stored key must match it (else ``DataError``)."""
+        arrays, meta = load_npz_set(path, _ARRAYS, "humans", _FORMAT_VERSION, key)
+        kw = {"mean": tuple(meta["mean"]), "std": tuple(meta["std"]), "name": meta["name"], "params": meta["params"]}
+        return cls(**arrays, stride=meta["stride"], sigma=meta["sigma"], **kw, path=Path(path))
 
 
 def _validate(split: str, n: int, seed: int, views: int, size: int, max_people: int, fov, stride: int) -> None:
