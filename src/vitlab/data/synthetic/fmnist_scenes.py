@@ -236,17 +236,19 @@ def _generate(
     )
 
 
-def _mean_std(images: torch.Tensor) -> tuple[tuple[float], tuple[float]]:
-    """Mean and std of the 0-1 scaled gray images, from exact integer sums."""
-    total, squares = 0, 0
-    for chunk in images.split(1024):
-        x = chunk.to(torch.int64)
-        total += int(x.sum())
-        squares += int((x * x).sum())
-    count = images.numel()
-    mean = total / count / 255
-    var = max(squares / count / 255**2 - mean**2, 0.0)
-    return (mean,), (math.sqrt(var),)
+def _mean_std(images: torch.Tensor, channel_dim: int = -3) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of 0-1 scaled uint8 images (channels at ``channel_dim``), from exact integer sums."""
+    x = images.movedim(channel_dim, 0).reshape(images.shape[channel_dim], -1)
+    total = torch.zeros(x.shape[0], dtype=torch.int64)
+    squares = torch.zeros(x.shape[0], dtype=torch.int64)
+    for chunk in x.split(1 << 22, dim=1):
+        c = chunk.to(torch.int64)
+        total += c.sum(1)
+        squares += (c * c).sum(1)
+    count = x.shape[1]
+    mean = [int(t) / count / 255 for t in total]
+    std = [math.sqrt(max(int(q) / count / 255**2 - m * m, 0.0)) for q, m in zip(squares, mean, strict=True)]
+    return tuple(mean), tuple(std)
 
 
 def generate_fmnist_scenes(

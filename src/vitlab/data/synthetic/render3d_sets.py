@@ -25,7 +25,7 @@ from ..datasets import TensorImageDataset, subset_index
 from ..errors import DataError
 from ..fashion_mnist import load_fashion_mnist
 from ._cache import atomic_write, load_npz_set, load_or_generate, save_npz_set
-from .fmnist_scenes import _SPLIT_TAG, SPLITS, _check_range, _source_key
+from .fmnist_scenes import _SPLIT_TAG, SPLITS, _check_range, _mean_std, _source_key
 from .render3d import render, sample_boxes_scene, sample_orbit_cameras
 
 __all__ = ["GENERATOR_VERSION", "Render3DDataset", "generate_render3d", "make_render3d", "save_render3d_preview"]
@@ -188,20 +188,6 @@ def _validate(split: str, n: int, seed: int, r: _Recipe) -> None:
     _check_range("supersample", r.supersample, 1, 4)
 
 
-def _mean_std_rgb(views: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 views (N, V, 3, H, W) scaled to 0-1, from float64 sums."""
-    x = views.transpose(0, 2).reshape(3, -1)
-    sums = torch.zeros(3, dtype=torch.float64)
-    squares = torch.zeros(3, dtype=torch.float64)
-    for chunk in x.split(1 << 22, dim=1):
-        c = chunk.double()
-        sums += c.sum(1)
-        squares += (c * c).sum(1)
-    mean = sums / x.shape[1] / 255
-    std = (squares / x.shape[1] / 255**2 - mean**2).clamp(min=0).sqrt()
-    return mean.tolist(), std.tolist()
-
-
 def generate_render3d(
     split: str = "train",
     n: int = 1000,
@@ -266,7 +252,7 @@ def generate_render3d(
                     arrays["distortion"][i], arrays["xi"][i] = cams.distortion, cams.xi
         finally:
             torch.set_num_threads(threads)
-        mean, std = _mean_std_rgb(arrays["views"])
+        mean, std = _mean_std(arrays["views"])
         return Render3DDataset(**arrays, mean=tuple(mean), std=tuple(std), name=f"render3d/{split}", params=params)
 
     key = {**params, "source": _source_key(split, data_dir, source)} if cache else None
