@@ -1,5 +1,6 @@
-"""``vitlab train --task dust3r / vggt / ucpe_nvs --dataset render3d``: the engine reads the multi-view set through
-the task's ``TaskSpec.data_adapter`` (engine/setup.py ``TaskBatches``), trains, reloads, evaluates and predicts."""
+"""``vitlab train --task dust3r / vggt / ucpe_nvs --dataset render3d`` (and ``--task multihmr --dataset
+stick_humans``): the engine reads the multi-view set through the task's ``TaskSpec.data_adapter`` (engine/setup.py
+``TaskBatches``), trains, reloads, evaluates and predicts."""
 
 from __future__ import annotations
 
@@ -14,20 +15,23 @@ from vitlab.engine import RunConfig, load_trained, train
 from vitlab.engine.inference import evaluate_run
 from vitlab.engine.setup import build_datasets, build_loader
 from vitlab.engine.task_inference import predict_dense
+from vitlab.tasks import get_task
 from vitlab.tasks.multiview import VGGT, Dust3R, UCPENovelView, frames_from_render3d, pairs_from_render3d
+from vitlab.tasks.pose3d import MultiHMR
 
 TINY_BACKBONE = '{"embed_dim": 32, "depth": 1, "num_heads": 2}'
 CASES = {  # task: (task args, model class, primary metric, picture tiles per row)
     "dust3r": ('{"dec_dim": 32, "dec_depth": 1}', Dust3R, "pointmap_err", 4),
     "vggt": ('{"num_frames": 3, "dim": 32, "depth": 1}', VGGT, "pointmap_err", 4),
     "ucpe_nvs": ('{"compress": 1}', UCPENovelView, "psnr", 3),
+    "multihmr": ('{"head_dim": 32, "hph_depth": 1, "hph_heads": 2}', MultiHMR, "mpjpe", 2),
 }
 
 
-def _cfg(tmp_path, task: str, dataset: str = "render3d") -> RunConfig:
+def _cfg(tmp_path, task: str, dataset: str | None = None) -> RunConfig:
     cfg = RunConfig(out=str(tmp_path / "runs"), name=task, log_every=1, device="cpu")
     cfg.task.task, cfg.task.task_args, cfg.task.backbone_args = task, CASES[task][0], TINY_BACKBONE
-    cfg.data.dataset, cfg.model.img_size = dataset, 16
+    cfg.data.dataset, cfg.model.img_size = dataset or get_task(task).dataset, 16
     cfg.data.train_subset, cfg.data.test_subset, cfg.data.batch_size = 16, 8, 8
     cfg.optim.steps = 2
     return cfg
@@ -38,7 +42,7 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("task", ["dust3r", "ucpe_nvs", "vggt"])
+@pytest.mark.parametrize("task", ["dust3r", "ucpe_nvs", "vggt", "multihmr"])
 def test_train_reload_evaluate_predict(tmp_path, task):
     args, cls, primary, tiles = CASES[task]
     run = train(_cfg(tmp_path, task))

@@ -149,3 +149,23 @@ def test_perfect_detections_score_full_f1_and_zero_error():
     assert s["mpjpe"] == pytest.approx(0.0, abs=1e-3)
     assert s["mrpe"] == pytest.approx(0.0, abs=1e-3)
     assert s["matched"] == mask.sum()
+
+
+def test_batch_from_humans_agrees_with_the_set_and_draws(tmp_path):
+    from vitlab.data.synthetic.humans_sets import generate_stick_humans
+    from vitlab.tasks.pose3d.draw import project_skeletons
+    from vitlab.tasks.pose3d.multihmr import batch_from_humans
+
+    data = generate_stick_humans(n=3, size=32, views=2, cache=False)
+    raw = data.collate([data[i] for i in range(3)])
+    batch = batch_from_humans(raw, view=1)
+    assert batch["image"].dtype == torch.uint8  # the engine's loader normalises it
+    mask = batch["person_mask"]
+    # the camera-frame joints project onto the set's own 2-D joints (what predict draws in green)
+    uv = project_skeletons(batch["joints_cam"][mask], batch["K"][:, None].expand(-1, mask.shape[1], -1, -1)[mask])
+    torch.testing.assert_close(uv, raw["joints_2d"][:, 1][mask], atol=1e-3, rtol=0)
+    norm = batch_from_humans(raw, data.mean, data.std, view=1)["image"]
+    assert norm.dtype == torch.float32
+    assert norm.mean().abs() < 1.5
+    behind = project_skeletons(torch.tensor([[[0.0, 0.0, -1.0]] * 15]), batch["K"][0])
+    assert torch.isnan(behind).all()

@@ -5,8 +5,9 @@ their boxes drawn, each in its class colour with its class index; multi-task run
 the class answers (task: class index) written below. Generative runs (models with ``sample``) write one grid of
 samples instead, a row per class (``sample_grid``); the image arguments are not read for them. Multi-view runs
 (tasks with a ``TaskSpec.data_adapter``: dust3r, vggt, ucpe_nvs) predict on the first scenes of their run's test
-split instead (``views_picture``): view 1 | its predicted depth | confidence | true depth, or for novel-view
-synthesis source | predicted target | true target.
+split instead: the model's own ``draw_prediction(raw, pred)`` when it has one (skeletons for the pose tasks), else
+``views_picture``: view 1 | its predicted depth | confidence | true depth, or for novel-view synthesis source |
+predicted target | true target.
 """
 
 from __future__ import annotations
@@ -164,7 +165,10 @@ def _predict_views(model: Any, meta: dict[str, Any], run: Path | None, out_dir: 
     batch["image"] = normalize(batch["image"], meta["mean"], meta["std"])
     pred = model.postprocess(model(batch["image"], **model.forward_kwargs(batch)))
     target = out_dir / "views.png"
-    views_picture(ds.data.collate(items), {k: v.cpu() for k, v in pred.items()}).save(target)
+    raw, pred = ds.data.collate(items), {k: v.cpu() for k, v in pred.items()}
+    # a task that draws its own predictions (skeletons, waypoints) does; else depth / novel-view tiles
+    draw = getattr(model, "draw_prediction", None)
+    (draw(raw, pred) if draw is not None else views_picture(raw, pred)).save(target)
     return target
 
 

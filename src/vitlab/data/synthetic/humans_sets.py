@@ -15,7 +15,7 @@ joints, cameras, depth and ids (:func:`.humans.annotate`), so they always agree 
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ...layers.camera import Cameras
+from ..datasets import subset_index
 from ..errors import DataError
 from ._cache import atomic_write, load_npz_set, load_or_generate, save_npz_set
 from .fmnist_scenes import _SPLIT_TAG, SPLITS, _check_range
@@ -109,6 +110,10 @@ class HumansDataset:
     def img_size(self) -> tuple[int, int]:
         return self.views.shape[3], self.views.shape[4]
 
+    @property
+    def in_chans(self) -> int:
+        return 3
+
     def cameras(self, i: int) -> Cameras:
         """The V cameras of sample ``i``."""
         return Cameras(self.K[i], self.cam_to_world[i], self.img_size)
@@ -146,6 +151,11 @@ class HumansDataset:
         if not items:
             raise ValueError("collate needs at least one sample; got an empty list")
         return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+    def subset(self, n_or_indices: int | Sequence[int] | torch.Tensor, seed: int = 0) -> "HumansDataset":
+        """``n`` samples drawn at random (fixed by ``seed``, kept in order), or the given indices."""
+        index = subset_index(n_or_indices, len(self), seed, f"humans set {self.name!r}")
+        return replace(self, **{k: getattr(self, k)[index] for k in _ARRAYS}, params=dict(self.params), path=None)
 
     def save(self, path: str | Path, key: dict[str, Any] | None = None) -> Path:
         """Write the set as one compressed ``.npz`` (atomically); ``key`` is stored to validate a cache entry."""

@@ -47,6 +47,8 @@ from ...models import Paper
 from .._backbone import PlainViTTrunk
 from .._registry import register_task
 from ..base import TaskModel, TaskSpec
+from ..multiview.dust3r import normalise_views
+from .draw import PRED_COLOUR, TRUE_COLOUR, draw_skeletons, project_skeletons, skeleton_rows
 from .multihmr_parts import (
     HPHBlock,
     centre_focal_loss,
@@ -318,6 +320,18 @@ class MultiHMR(TaskModel):
         return {"joints_cam": joints, "centre_2d": output["det_centre"], "valid": output["det_valid"],
                 "score": output["det_score"]}  # fmt: skip
 
+    def draw_prediction(self, raw: Mapping[str, torch.Tensor], pred: Mapping[str, torch.Tensor]) -> Any:
+        """``vitlab predict``: a row per scene of ``raw`` (a collated stick_humans batch): view 1 with the true
+        skeletons (green) | the same view with the detected people's skeletons (red), projected with its ``K``."""
+        rows = []
+        for b in range(raw["views"].shape[0]):
+            view, K = raw["views"][b, 0], raw["K"][b, 0]
+            true = [(uv, TRUE_COLOUR) for uv, m in zip(raw["joints_2d"][b, 0], raw["person_mask"][b], strict=True) if m]
+            found = pred["joints_cam"][b][pred["valid"][b]]
+            guess = [(uv, PRED_COLOUR) for uv in project_skeletons(found, K)]
+            rows.append([draw_skeletons(view, true), draw_skeletons(view, guess)])
+        return skeleton_rows(rows)
+
     def example_batch(self, batch_size: int = 2, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Random images, random focal lengths (50-70 deg), ``max_people`` slots with 1..max_people people at
         random centres and random root-relative skeletons 2-5 m away, back-projected consistently with K."""
@@ -338,17 +352,25 @@ class MultiHMR(TaskModel):
 
 
 def batch_from_humans(
-    batch: Mapping[str, torch.Tensor], mean: tuple[float, ...], std: tuple[float, ...], view: int = 0
+    batch: Mapping[str, torch.Tensor],
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    view: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """A collated ``stick_humans`` batch -> a multihmr batch of view ``view``: the image normalised, ``K``, the
-    projected pelvis, a mask of people present whose pelvis lies in the image, joints in that camera's frame."""
-    image = batch["views"][:, view].float() / 255
-    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    """A collated ``stick_humans`` batch -> a multihmr batch of view ``view``: the image normalised by ``mean``/``std``
+    (left uint8 when not given: the engine's loader normalises it), ``K``, the projected pelvis, a mask of people
+    present whose pelvis lies in the image, joints in that camera's frame."""
+    image = normalise_views(batch["views"][:, view : view + 1], mean, std)[:, 0]
     w2c = invert_pose(batch["cam_to_world"][:, view])
     joints = transform_points(w2c[:, None, None], batch["joints_3d"])
     mask = batch["person_mask"] & batch["in_image"][:, view, :, 0]
-    return {"image": (image - m) / s, "K": batch["K"][:, view], "centre_2d": batch["centre_2d"][:, view],
+    return {"image": image, "K": batch["K"][:, view], "centre_2d": batch["centre_2d"][:, view],
             "person_mask": mask, "joints_cam": joints * mask[..., None, None]}  # fmt: skip
+
+
+def _humans_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any]:
+    """``TaskSpec.data_adapter``: single-view stick_humans scenes, converted by :func:`batch_from_humans`."""
+    return 1, batch_from_humans
 
 
 register_task(
@@ -361,6 +383,7 @@ register_task(
         paper=PAPER,
         kind="H",
         dataset="stick_humans",
+        data_adapter=_humans_adapter,
         num_classes=1,
         in_chans=3,
         img_size=64,
