@@ -169,3 +169,23 @@ def test_batch_from_humans_agrees_with_the_set_and_draws(tmp_path):
     assert norm.mean().abs() < 1.5
     behind = project_skeletons(torch.tensor([[[0.0, 0.0, -1.0]] * 15]), batch["K"][0])
     assert torch.isnan(behind).all()
+
+
+def test_pa_mpjpe_ignores_a_similarity_but_not_articulation():
+    from vitlab.layers.camera import random_rotation
+    from vitlab.tasks.pose3d.multihmr_parts import person_errors
+
+    g = torch.Generator().manual_seed(3)
+    gt = 0.3 * torch.randn(15, 3, generator=g)
+    gt = gt - gt[:1]
+    R = random_rotation(1, generator=g)[0]
+    turned = 1.2 * gt @ R.T
+    root = torch.tensor([0.1, 0.2, 3.0])
+    e = person_errors(turned, gt, root + torch.tensor([0.0, 0.0, 0.5]), root)
+    assert e["pa_mpjpe"] < 1e-3
+    assert e["mpjpe"] > 50
+    assert e["depth"] == pytest.approx(500.0, rel=1e-4)
+    assert e["mrpe"] == pytest.approx(500.0, rel=1e-4)
+    bent = gt.clone()
+    bent[5] += torch.tensor([0.0, 0.3, 0.0])  # one joint moved 30 cm: no similarity undoes it
+    assert person_errors(bent, gt, root, root)["pa_mpjpe"] > 5

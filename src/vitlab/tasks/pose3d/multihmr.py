@@ -24,7 +24,8 @@ the head regresses root-relative 3-D joints directly instead of SMPL-X rotations
   detected centre.
 - **Training** uses the ground-truth centres as queries (teacher forcing); evaluation the detections.
 - **Metrics**: detection F1 (a detection matches the nearest unmatched person within ``match_px`` pixels),
-  root-relative MPJPE (mm) and root depth error |z| (mm) and MRPE (mm, root position) on matched people.
+  root-relative MPJPE (mm), PA-MPJPE (after a similarity Procrustes fit: articulation without global orientation
+  and scale), root depth error |z| (mm) and MRPE (mm, root position) on matched people.
 
 Batch (:func:`batch_from_humans` makes one from a collated ``stick_humans`` batch): ``image`` (B, 3, H, W),
 ``K`` (B, 3, 3), ``centre_2d`` (B, P, 2) pixels, ``person_mask`` (B, P) bool (present and centre in the image),
@@ -57,7 +58,10 @@ from .multihmr_parts import (
     match_detections,
     nearness_to_depth,
     peak_nms,
+    person_errors,
 )
+
+SUM_KEYS = ("tp", "fp", "fn", "n_matched", "mpjpe_sum", "pa_mpjpe_sum", "depth_sum", "mrpe_sum")
 
 if TYPE_CHECKING:
     from torchmetrics import MetricCollection
@@ -280,13 +284,12 @@ class MultiHMR(TaskModel):
     def build_metrics(self) -> MetricCollection:
         from torchmetrics import MetricCollection, SumMetric
 
-        keys = ("tp", "fp", "fn", "n_matched", "mpjpe_sum", "depth_sum", "mrpe_sum")
-        return MetricCollection({k: SumMetric() for k in keys})
+        return MetricCollection({k: SumMetric() for k in SUM_KEYS})
 
     def evaluate(self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> dict[str, float]:
         """Counts and sums over the batch: tp, fp, fn, matched people and their MPJPE / |z| / MRPE sums (mm)."""
         _, centres, mask, joints = self._targets(output, batch)
-        sums = dict.fromkeys(("tp", "fp", "fn", "n_matched", "mpjpe_sum", "depth_sum", "mrpe_sum"), 0.0)
+        sums = dict.fromkeys(SUM_KEYS, 0.0)
         rel = joints - joints[:, :, :1]
         for b in range(centres.shape[0]):
             valid = output["det_valid"][b]
@@ -295,10 +298,10 @@ class MultiHMR(TaskModel):
             sums["fp"] += int(valid.sum()) - len(pairs)
             sums["fn"] += int(mask[b].sum()) - len(pairs)
             for q, p in pairs:
-                err = (output["det_joints_rel"][b, q] - rel[b, p]).norm(dim=-1).mean()
-                sums["mpjpe_sum"] += 1000 * float(err)
-                sums["depth_sum"] += 1000 * float((output["det_depth"][b, q] - joints[b, p, 0, 2]).abs())
-                sums["mrpe_sum"] += 1000 * float((output["det_root"][b, q] - joints[b, p, 0]).norm())
+                errors = person_errors(output["det_joints_rel"][b, q], rel[b, p], output["det_root"][b, q],
+                                       joints[b, p, 0])  # fmt: skip
+                for key, value in errors.items():
+                    sums[f"{key}_sum"] += value
                 sums["n_matched"] += 1
         return sums
 
@@ -307,12 +310,14 @@ class MultiHMR(TaskModel):
             metrics[key].update(torch.tensor(value, dtype=torch.float64))
 
     def summarize_metrics(self, metrics: MetricCollection) -> dict[str, float | list]:
-        """``f1`` (percent), ``mpjpe``, ``depth_err``, ``mrpe`` (mm on matched people; 0 matched: 1e4, a sentinel)."""
+        """``f1`` (percent), ``mpjpe``, ``pa_mpjpe``, ``depth_err``, ``mrpe`` (mm on matched people; 0 matched: 1e4,
+        a sentinel)."""
         s = {k: float(m.compute()) for k, m in metrics.items()}
         f1 = 200 * s["tp"] / max(2 * s["tp"] + s["fp"] + s["fn"], 1)
         n = s["n_matched"]
-        per = {k: (s[f"{k}_sum"] / n if n else 1e4) for k in ("mpjpe", "depth", "mrpe")}
-        return {"f1": f1, "mpjpe": per["mpjpe"], "depth_err": per["depth"], "mrpe": per["mrpe"], "matched": n}
+        per = {k: (s[f"{k}_sum"] / n if n else 1e4) for k in ("mpjpe", "pa_mpjpe", "depth", "mrpe")}
+        return {"f1": f1, "mpjpe": per["mpjpe"], "pa_mpjpe": per["pa_mpjpe"], "depth_err": per["depth"],
+                "mrpe": per["mrpe"], "matched": n}  # fmt: skip
 
     def postprocess(self, output: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Detected people: ``joints_cam`` (B, Q, 15, 3) camera frame, ``centre_2d`` (B, Q, 2), ``valid``, ``score``."""

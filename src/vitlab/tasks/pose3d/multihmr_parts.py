@@ -17,6 +17,7 @@ __all__ = [
     "match_detections",
     "nearness_to_depth",
     "peak_nms",
+    "person_errors",
 ]
 
 MAX_DEPTH = 50.0
@@ -111,3 +112,18 @@ class HPHBlock(nn.Module):
         q = q + self.self_attn(y, y, mask)
         q = q + self.cross_attn(self.norm2(q), self.norm_ctx(tokens))
         return q + self.mlp(self.norm3(q))
+
+
+def person_errors(pred_rel: torch.Tensor, gt_rel: torch.Tensor, pred_root: torch.Tensor, gt_root: torch.Tensor):
+    """One matched person's errors in mm: root-relative MPJPE, PA-MPJPE (joints after the similarity transform that
+    best fits them to the truth, Umeyama), root depth |z| and root position (MRPE); joints (15, 3), roots (3,) in m."""
+    from ..multiview.geometry import umeyama
+
+    scale, R, t = umeyama(pred_rel[None], gt_rel[None])
+    aligned = (scale[:, None, None] * pred_rel[None].double() @ R.transpose(-1, -2) + t[:, None])[0]
+    return {
+        "mpjpe": 1000 * float((pred_rel - gt_rel).norm(dim=-1).mean()),
+        "pa_mpjpe": 1000 * float((aligned - gt_rel.double()).norm(dim=-1).mean()),
+        "depth": 1000 * float((pred_root[2] - gt_root[2]).abs()),
+        "mrpe": 1000 * float((pred_root - gt_root).norm()),
+    }
