@@ -4,15 +4,16 @@ Segmentation runs get their class colours blended over the image; detection runs
 their boxes drawn, each in its class colour with its class index; multi-task runs their map task's overlay with
 the class answers (task: class index) written below. Generative runs (models with ``sample``) write one grid of
 samples instead, a row per class (``sample_grid``); the image arguments are not read for them. Multi-view runs
-(tasks with a ``TaskSpec.data_adapter``: dust3r, vggt, ucpe_nvs) predict on the first scenes of their run's test
-split instead: the model's own ``draw_prediction(raw, pred)`` when it has one (skeletons for the pose tasks), else
-``views_picture``: view 1 | its predicted depth | confidence | true depth, or for novel-view synthesis source |
-predicted target | true target.
+(tasks with a ``TaskSpec.data_adapter``: dust3r, vggt, ucpe_nvs, multihmr, mv_adapter, ...) predict on the first
+scenes of their run's test split instead: the model's own ``draw_prediction(raw, pred, batch)`` when it has one
+(skeletons, waypoints, generated views), else ``views_picture``: view 1 | its predicted depth | confidence | true
+depth, or for novel-view synthesis source | predicted target | true target.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +166,13 @@ def _predict_views(model: Any, meta: dict[str, Any], run: Path | None, out_dir: 
     batch["image"] = normalize(batch["image"], meta["mean"], meta["std"])
     pred = model.postprocess(model(batch["image"], **model.forward_kwargs(batch)))
     target = out_dir / "views.png"
-    raw, pred = ds.data.collate(items), {k: v.cpu() for k, v in pred.items()}
-    # a task that draws its own predictions (skeletons, waypoints) does; else depth / novel-view tiles
+    raw = ds.data.collate(items)
+    # a task that draws its own predictions (skeletons, waypoints, generated views) does; else depth / novel views
     draw = getattr(model, "draw_prediction", None)
-    (draw(raw, pred) if draw is not None else views_picture(raw, pred)).save(target)
+    if draw is not None:
+        draw(raw, pred, batch).save(target)
+    else:
+        views_picture(raw, {k: v.cpu() for k, v in pred.items()}).save(target)
     return target
 
 
@@ -180,10 +184,6 @@ def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | P
     out_dir = Path(out) if out is not None else (run / "predict" if run else Path("predict"))
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = next(model.parameters()).device
-    if hasattr(model, "sample"):  # a generator: one grid of samples (a row per class); the images are not read
-        target = out_dir / "samples.png"
-        sample_grid(model, meta["mean"], meta["std"]).save(target)
-        return [target]
     from ..tasks import get_task
 
     if get_task(meta["task"]).data_adapter is not None:  # multi-view: its test scenes; the images are not read
@@ -193,6 +193,11 @@ def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | P
                 "--checkpoint RUN` without images to draw its first test scenes"
             )
         return [_predict_views(model, meta, run, out_dir)]
+    if hasattr(model, "sample"):  # a generator: one grid of samples (a row per class); the images are not read
+        target = out_dir / "samples.png"
+        draw = getattr(model, "draw_samples", None)  # a generator of clips or sets draws its own sheet
+        (draw if draw is not None else partial(sample_grid, model))(meta["mean"], meta["std"]).save(target)
+        return [target]
     if not images:
         raise ValueError(f"images: give at least one image file for the {meta.get('task')!r} run {checkpoint}")
     written = []

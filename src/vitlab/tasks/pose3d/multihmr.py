@@ -325,14 +325,14 @@ class MultiHMR(TaskModel):
         return {"joints_cam": joints, "centre_2d": output["det_centre"], "valid": output["det_valid"],
                 "score": output["det_score"]}  # fmt: skip
 
-    def draw_prediction(self, raw: Mapping[str, torch.Tensor], pred: Mapping[str, torch.Tensor]) -> Any:
-        """``vitlab predict``: a row per scene of ``raw`` (a collated stick_humans batch): view 1 with the true
-        skeletons (green) | the same view with the detected people's skeletons (red), projected with its ``K``."""
+    def draw_prediction(self, raw: Mapping[str, torch.Tensor], pred: Mapping[str, torch.Tensor], batch: Any) -> Any:
+        """``vitlab predict``: a row per scene of ``raw`` (a collated stick_humans batch; ``batch`` is the model's
+        input): view 1 with the true skeletons (green) | the view with the detected people's skeletons (red)."""
         rows = []
         for b in range(raw["views"].shape[0]):
             view, K = raw["views"][b, 0], raw["K"][b, 0]
             true = [(uv, TRUE_COLOUR) for uv, m in zip(raw["joints_2d"][b, 0], raw["person_mask"][b], strict=True) if m]
-            found = pred["joints_cam"][b][pred["valid"][b]]
+            found = pred["joints_cam"][b][pred["valid"][b]].cpu()
             guess = [(uv, PRED_COLOUR) for uv in project_skeletons(found, K)]
             rows.append([draw_skeletons(view, true), draw_skeletons(view, guess)])
         return skeleton_rows(rows)
