@@ -266,7 +266,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         size=args.size,
         views=args.views,
     )
-    written = ("scenes.npz", "clips.npz", "render3d.npz", "stick_humans.npz", "preview.png", "preview.gif", "info.json")
+    written = ("scenes.npz", "clips.npz", "render3d.npz", "stick_humans.npz", "driving.npz", "preview.png",
+               "preview.gif", "info.json")  # fmt: skip
     files = ", ".join(name for name in written if (out / name).is_file())
     print(f"wrote {out} ({files})")
     return 0
@@ -435,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         "make", help="generate a synthetic data set into --out with a preview PNG"
     )
     p.add_argument(
-        "name", help="generator: fmnist_scenes, fmnist_scenes_3d, camera_motion_videos, render3d or stick_humans"
+        "name",
+        help="generator: fmnist_scenes, fmnist_scenes_3d, camera_motion_videos, camera_paths, render3d, stick_humans "
+        "or driving",
     )
     p.add_argument("--out", required=True, help="directory to write scenes.npz (clips.npz), previews and info.json")
     p.add_argument("--n", type=int, default=1000, help="number of scenes or clips (default 1000)")
@@ -454,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--frames", type=int, help="camera_motion_videos: frames per clip, 2-64 (default 8)")
     p.add_argument("--size", type=int, help="camera_motion_videos: frame side in pixels, 16-128 (default 32)")
-    p.add_argument("--views", type=int, help="render3d, stick_humans: views per sample, 1-8 (default 2, 1; --size 64)")
+    p.add_argument(
+        "--views", type=int, help="render3d, stick_humans, driving: views per sample (default 2, 1, 3; --size 64, 32)"
+    )
     p.add_argument("--data-dir", help="where Fashion-MNIST lies (default: its standard places)")
     p.set_defaults(fn=cmd_data)
     p = sub.add_parser("distill", help="TinyViT fast distillation: store a teacher's top-k once per epoch")

@@ -16,6 +16,7 @@ from vitlab.engine.inference import evaluate_run
 from vitlab.engine.setup import build_datasets, build_loader
 from vitlab.engine.task_inference import predict_dense
 from vitlab.tasks import get_task
+from vitlab.tasks.driving.letfuser import LeTFuser
 from vitlab.tasks.generative.mv_adapter import MVAdapter
 from vitlab.tasks.multiview import VGGT, Dust3R, UCPENovelView, frames_from_render3d, pairs_from_render3d
 from vitlab.tasks.pose3d import MultiHMR, MvP
@@ -28,6 +29,7 @@ CASES = {  # task: (task args, model class, primary metric, picture size: 4 scen
     "ucpe_nvs": ('{"compress": 1}', UCPENovelView, "psnr", (3 * 16 * 4, 4 * 16 * 4)),
     "multihmr": ('{"head_dim": 32, "hph_depth": 1, "hph_heads": 2}', MultiHMR, "mpjpe", (2 * 16 * 4, 4 * 16 * 4)),
     "mv_adapter": ('{"num_views": 2}', MVAdapter, "flow_loss", GRID_5),
+    "letfuser": ('{"channels": 16, "hidden": 16, "sdc_grid": 8}', LeTFuser, "ade", None),
     "mvp": ('{"num_views": 2, "dim": 16, "heads": 2, "depth": 1, "ffn": 32, "num_people": 2}', MvP, "mpjpe", None),
 }
 
@@ -35,6 +37,7 @@ CASES = {  # task: (task args, model class, primary metric, picture size: 4 scen
 def _cfg(tmp_path, task: str, dataset: str | None = None) -> RunConfig:
     cfg = RunConfig(out=str(tmp_path / "runs"), name=task, log_every=1, device="cpu")
     cfg.task.task, cfg.task.task_args, cfg.task.backbone_args = task, CASES[task][0], TINY_BACKBONE
+    cfg.task.backbone = "vit_micro_patch4_28"  # letfuser defaults to a CvT; the tiny args are a plain ViT's
     cfg.data.dataset, cfg.model.img_size = dataset or get_task(task).dataset, 16
     cfg.data.train_subset, cfg.data.test_subset, cfg.data.batch_size = 16, 8, 8
     cfg.optim.steps = 2

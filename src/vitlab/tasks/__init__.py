@@ -5,7 +5,7 @@
 this package registers every task model.
 """
 
-from . import detection, generative, multitask, multiview, pose3d, segmentation, video
+from . import detection, driving, generative, multitask, multiview, pose3d, segmentation, video
 from ._backbone import BackbonePyramid, create_backbone, feature_dicts
 from ._registry import TASKS, UnknownTaskError, create_task_model, get_task, list_tasks, register_task
 from .base import TaskModel, TaskSpec
@@ -19,6 +19,7 @@ __all__ = [
     "create_backbone",
     "create_task_model",
     "detection",
+    "driving",
     "feature_dicts",
     "generative",
     "get_task",

@@ -48,6 +48,11 @@ Multi-view generators (``MULTIVIEW_GENERATORS``):
   (:mod:`.humans`, :mod:`.humans_sets`). ``vitlab data make stick_humans --out DIR [--n] [--views 1] [--size 64]
   [--max-items 3]`` (``--max-items``: most people) writes ``DIR/stick_humans.npz`` (``HumansDataset.load``),
   ``DIR/preview.png`` (skeletons over the views) and ``DIR/info.json``.
+- ``driving``: ego views of a small driving world (road, lane lines, obstacle boxes, a red/green light) from a
+  left/front/right camera rig, with depth, semantic classes, measurements and a scripted expert's waypoints
+  (:mod:`.driving`, :mod:`.driving_sets`; closed-loop roll-outs in :func:`.driving.rollout`). ``vitlab data make
+  driving --out DIR [--n] [--views 3] [--size 32] [--max-items 3]`` (``--max-items``: most obstacles) writes
+  ``DIR/driving.npz``, ``DIR/preview.png`` and ``DIR/info.json``.
 """
 
 import json
@@ -59,6 +64,7 @@ from typing import IO, Any
 from ._cache import atomic_write, cache_root
 from .camera_motion import MOTION_PAIRS, MOTIONS, generate_camera_motion_videos
 from .camera_paths import generate_camera_paths
+from .driving_sets import DrivingDataset, generate_driving, make_driving
 from .fmnist_scenes import GENERATOR_VERSION, FMNISTScenes, generate_fmnist_scenes
 from .fmnist_scenes_3d import FMNISTScenes3D, generate_fmnist_scenes_3d
 from .humans_sets import HumansDataset, generate_stick_humans, make_stick_humans
@@ -75,6 +81,7 @@ __all__ = [
     "MOTION_PAIRS",
     "MULTIVIEW_GENERATORS",
     "VIDEO_GENERATORS",
+    "DrivingDataset",
     "FMNISTScenes",
     "FMNISTScenes3D",
     "HumansDataset",
@@ -84,6 +91,7 @@ __all__ = [
     "VideoClipDataset",
     "cache_root",
     "generate_camera_motion_videos",
+    "generate_driving",
     "generate_fmnist_scenes",
     "generate_fmnist_scenes_3d",
     "generate_render3d",
@@ -110,6 +118,7 @@ VIDEO_GENERATORS: dict[str, Callable[..., VideoClipDataset]] = {
 # multi-view sets of calibrated views (dicts with `views` (V, 3, H, W), depth, pointmaps, cameras; .render3d_sets)
 MULTIVIEW_GENERATORS: dict[str, Callable[..., Any]] = {
     "render3d": generate_render3d,
+    "driving": generate_driving,  # ego views of a driving world with an expert plan (.driving_sets)
     "stick_humans": generate_stick_humans,  # stick-figure humans (.humans_sets)
 }
 
@@ -159,6 +168,9 @@ def make(
             raise ValueError(f"canvas and frames do not apply to {name!r}; it takes size, views and max_items")
         given = {"size": size, "views": views, "max_boxes": max_items, "data_dir": data_dir, "cache_dir": cache_dir}
         kw = {k: v for k, v in given.items() if v is not None}
+        if name == "driving":  # --max-items: most obstacles per world (0-3); writes driving.npz
+            kw["max_obstacles"] = kw.pop("max_boxes", 3)
+            return make_driving(out, preview=max(1, min(preview, 4)), split=split, n=n, seed=seed, **kw)
         if name == "stick_humans":  # --max-items: most people per scene; writes stick_humans.npz
             kw["max_people"] = kw.pop("max_boxes", 3)
             return make_stick_humans(out, preview=max(1, min(preview, 4)), split=split, n=n, seed=seed, **kw)
