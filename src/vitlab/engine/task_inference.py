@@ -2,7 +2,8 @@
 
 Segmentation runs get their class colours blended over the image; detection runs (outputs with ``"boxes"``) get
 their boxes drawn, each in its class colour with its class index; multi-task runs their map task's overlay with
-the class answers (task: class index) written below. Generative runs (models with ``sample``) write one grid of
+the class answers (task: class index) written below; any-to-any runs (4M, ``predict_maps``) the image | its
+generated semantic overlay | generated depth. Generative runs (models with ``sample``) write one grid of
 samples instead, a row per class (``sample_grid``); the image arguments are not read for them. Multi-view runs
 (tasks with a ``TaskSpec.data_adapter``: dust3r, vggt, ucpe_nvs, multihmr, mv_adapter, ...) predict on the first
 scenes of their run's test split instead: the model's own ``draw_prediction(raw, pred, batch)`` when it has one
@@ -204,7 +205,20 @@ def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | P
     for path in images:
         raw = load_image(path, in_chans=meta["in_chans"], img_size=meta["img_size"])
         x = normalize(match_channels(raw[None], meta["in_chans"]), meta["mean"], meta["std"])
-        pred = model.postprocess(model(resize_batch(x, meta["img_size"]).to(dev)))
+        x = resize_batch(x, meta["img_size"]).to(dev)
+        if hasattr(model, "predict_maps"):  # any-to-any (4M): the maps it generates from the image alone
+            maps = {k: v[0].cpu() for k, v in model.predict_maps(x).items()}
+            tiles = [overlay_semantic(raw, maps["semantic"], meta["num_classes"])] if "semantic" in maps else []
+            if "depth" in maps:
+                tiles.append(Image.fromarray(_colour(maps["depth"], maps["depth"] > 0, "viridis")))
+            if not tiles:
+                raise ValueError(f"the {meta['task']!r} run predicts no map (semantic or depth) from an image")
+            picture = Image.fromarray(np.concatenate([np.asarray(t.convert("RGB")) for t in tiles], axis=1))
+            target = out_dir / f"{Path(path).stem}.png"
+            picture.save(target)
+            written.append(target)
+            continue
+        pred = model.postprocess(model(x))
         if "boxes" in pred:  # a detector
             found = [pred[key][0].cpu() for key in ("boxes", "labels", "scores")]
             picture = draw_detections(raw, *found, num_classes=meta["num_classes"])

@@ -160,6 +160,8 @@ def _build(cfg: RunConfig, env: DistEnv, device: torch.device) -> tuple[Setup, d
     model = build_model(cfg, len(classes), in_chans).to(device)
     if cfg.model.init_from:  # fine-tuning: start from trained weights (a new head if classes differ)
         init_from_checkpoint(model, cfg.model.init_from)
+    elif hasattr(model, "prepare_data"):  # a task that fits parts on the data first (4M's tokenizers)
+        model.prepare_data(data["train"].dataset)
     setup = Setup(cfg, env, device, model, classes, in_chans, model_img_size(cfg), data["train"])
     install_techniques(setup, "model")  # surgery before the EMA copy and DDP, so both hold it
     if cfg.channels_last and device.type == "cuda":

@@ -4,6 +4,7 @@ Later generative components (adapters on this DiT) build on ``FlowDiT``; its ada
 """
 
 from .flow import FlowDiT
+from .fourm import FourM  # noqa: F401  (registers "fourm")
 from .modular_cam import ModularCam  # noqa: F401  (registers "modular_cam")
 from .mv_adapter import MVAdapter  # noqa: F401  (registers "mv_adapter")
 
