@@ -12,18 +12,17 @@ only on ``(seed, split, i)``; :func:`world_of` rebuilds its world (the closed-lo
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from ..datasets import TensorImageDataset, subset_index
-from ..errors import DataError
+from ..datasets import TensorImageDataset
 from ..fashion_mnist import load_fashion_mnist
-from ._cache import atomic_write, load_npz_set, load_or_generate, save_npz_set
+from ._cache import atomic_write, load_or_generate
+from ._viewset import ViewSet
 from .driving import CLASSES, DrivingWorld, expert_waypoints, measurements, render_ego_views, sample_world
 from .fmnist_scenes import _SPLIT_TAG, SPLITS, _check_range, _mean_std, _source_key
 
@@ -36,7 +35,7 @@ _STREAM = 0x445256  # keeps these streams apart from the other generators'
 
 
 @dataclass(eq=False)
-class DrivingDataset:
+class DrivingDataset(ViewSet):
     """Driving samples in memory (see the module docstring for the fields)."""
 
     views: torch.Tensor  # uint8 (N, V, 3, S, S)
@@ -52,66 +51,22 @@ class DrivingDataset:
     name: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    KIND: ClassVar[str] = "driving"
+    ARRAYS: ClassVar[tuple[str, ...]] = _ARRAYS
+    FORMAT_VERSION: ClassVar[int] = _FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        v = self.views
-        if not (torch.is_tensor(v) and v.dtype == torch.uint8 and v.ndim == 5 and v.shape[2] == 3):
-            raise DataError(
-                f"driving set {self.name!r}: views must be uint8 (N, V, 3, H, W), got {getattr(v, 'shape', v)}"
-            )
-        N, V, _, H, W = v.shape
-        for key, dtype, shape in (("depth", torch.float32, (N, V, H, W)), ("semantic", torch.uint8, (N, V, H, W)),
-                                  ("K", torch.float32, (N, V, 3, 3)), ("cam_to_ego", torch.float32, (N, V, 4, 4)),
-                                  ("measurements", torch.float32, (N, 6)), ("waypoints", torch.float32, (N, 4, 2)),
-                                  ("light", torch.int64, (N,))):  # fmt: skip
-            t = getattr(self, key)
-            if not (torch.is_tensor(t) and t.dtype == dtype and tuple(t.shape) == shape):
-                got = f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
-                raise DataError(f"driving set {self.name!r}: {key} must be {dtype} {shape}, got {got}")
-        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
-
-    def __len__(self) -> int:
-        return len(self.views)
-
-    @property
-    def num_views(self) -> int:
-        return self.views.shape[1]
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return self.views.shape[3], self.views.shape[4]
-
-    @property
-    def in_chans(self) -> int:
-        return 3
+        self.check_arrays(lambda N, V, H, W: (
+            ("depth", torch.float32, (N, V, H, W)), ("semantic", torch.uint8, (N, V, H, W)),
+            ("K", torch.float32, (N, V, 3, 3)), ("cam_to_ego", torch.float32, (N, V, 4, 4)),
+            ("measurements", torch.float32, (N, 6)), ("waypoints", torch.float32, (N, 4, 2)),
+            ("light", torch.int64, (N,))))  # fmt: skip
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"sample index {i} is out of range for driving set {self.name!r} of {len(self)} samples")
+        self.check_index(i)
         item = {k: getattr(self, k)[i] for k in _ARRAYS}
         item["semantic"] = item["semantic"].long()
         return item
-
-    def collate(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Stack samples: every field gains a leading batch dim, e.g. ``views`` (B, V, 3, H, W)."""
-        if not items:
-            raise ValueError("collate needs at least one sample; got an empty list")
-        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
-
-    def subset(self, n_or_indices: int | Sequence[int] | torch.Tensor, seed: int = 0) -> DrivingDataset:
-        index = subset_index(n_or_indices, len(self), seed, f"driving set {self.name!r}")
-        return replace(self, **{k: getattr(self, k)[index] for k in _ARRAYS}, params=dict(self.params), path=None)
-
-    def save(self, path: str | Path, key: dict[str, Any] | None = None) -> Path:
-        meta = {"mean": self.mean, "std": self.std, "name": self.name, "params": self.params, "key": key}
-        self.path = save_npz_set(path, {k: getattr(self, k) for k in _ARRAYS}, meta, _FORMAT_VERSION)
-        return self.path
-
-    @classmethod
-    def load(cls, path: str | Path, key: dict[str, Any] | None = None) -> DrivingDataset:
-        arrays, meta = load_npz_set(path, _ARRAYS, "driving", _FORMAT_VERSION, key)
-        kw = {"mean": tuple(meta["mean"]), "std": tuple(meta["std"]), "name": meta["name"], "params": meta["params"]}
-        return cls(**arrays, **kw, path=Path(path))
 
 
 def world_of(split: str, i: int, seed: int, pool: torch.Tensor, max_obstacles: int = 3) -> tuple[DrivingWorld, Any]:

@@ -14,18 +14,16 @@ joints, cameras, depth and ids (:func:`.humans.annotate`), so they always agree 
 """
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ...layers.camera import Cameras
-from ..datasets import subset_index
-from ..errors import DataError
-from ._cache import atomic_write, load_npz_set, load_or_generate, save_npz_set
+from ._cache import atomic_write, load_or_generate
+from ._viewset import ViewSet
 from .fmnist_scenes import _SPLIT_TAG, SPLITS, _check_range
 from .humans import (
     NUM_JOINTS,
@@ -48,7 +46,7 @@ _STREAM = 0x48554D  # keeps these streams apart from the other generators' for t
 
 
 @dataclass(eq=False)
-class HumansDataset:
+class HumansDataset(ViewSet):
     """Multi-view stick-figure scenes in memory (N scenes, V views, up to P people); fields: the module docstring."""
 
     views: torch.Tensor  # uint8 (N, V, 3, H, W)
@@ -69,59 +67,30 @@ class HumansDataset:
     name: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    KIND: ClassVar[str] = "humans"
+    ARRAYS: ClassVar[tuple[str, ...]] = _ARRAYS
+    FORMAT_VERSION: ClassVar[int] = _FORMAT_VERSION
+    EXTRA_META: ClassVar[tuple[str, ...]] = ("stride", "sigma")
 
     def __post_init__(self) -> None:
-        v = self.views
-        if not (torch.is_tensor(v) and v.dtype == torch.uint8 and v.ndim == 5 and v.shape[2] == 3):
-            got = getattr(v, "shape", v)
-            raise DataError(f"humans set {self.name!r}: views must be uint8 (N, V, 3, H, W), got {got}")
-        N, V, _, H, W = v.shape
-        P = self.joints_3d.shape[1] if self.joints_3d.ndim == 4 else -1
-        for key, dtype, shape in (
-            ("depth", torch.float32, (N, V, H, W)),
-            ("person_id", torch.uint8, (N, V, H, W)),
-            ("joints_3d", torch.float32, (N, P, NUM_JOINTS, 3)),
-            ("angles", torch.float32, (N, P, NUM_JOINTS, 3)),
-            ("shape", torch.float32, (N, P, 4)),
-            ("yaw", torch.float32, (N, P)),
-            ("pose_id", torch.int64, (N, P)),
-            ("num_people", torch.int64, (N,)),
-            ("K", torch.float32, (N, V, 3, 3)),
-            ("cam_to_world", torch.float32, (N, V, 4, 4)),
-        ):
-            t = getattr(self, key)
-            if not (torch.is_tensor(t) and t.dtype == dtype and tuple(t.shape) == shape):
-                got = f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
-                raise DataError(f"humans set {self.name!r}: {key} must be {dtype} {shape}, got {got}")
-        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
-
-    def __len__(self) -> int:
-        return len(self.views)
-
-    @property
-    def num_views(self) -> int:
-        return self.views.shape[1]
+        P = self.joints_3d.shape[1] if torch.is_tensor(self.joints_3d) and self.joints_3d.ndim == 4 else -1
+        self.check_arrays(lambda N, V, H, W: (
+            ("depth", torch.float32, (N, V, H, W)), ("person_id", torch.uint8, (N, V, H, W)),
+            ("joints_3d", torch.float32, (N, P, NUM_JOINTS, 3)), ("angles", torch.float32, (N, P, NUM_JOINTS, 3)),
+            ("shape", torch.float32, (N, P, 4)), ("yaw", torch.float32, (N, P)), ("pose_id", torch.int64, (N, P)),
+            ("num_people", torch.int64, (N,)), ("K", torch.float32, (N, V, 3, 3)),
+            ("cam_to_world", torch.float32, (N, V, 4, 4))))  # fmt: skip
 
     @property
     def max_people(self) -> int:
         return self.joints_3d.shape[1]
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return self.views.shape[3], self.views.shape[4]
-
-    @property
-    def in_chans(self) -> int:
-        return 3
 
     def cameras(self, i: int) -> Cameras:
         """The V cameras of sample ``i``."""
         return Cameras(self.K[i], self.cam_to_world[i], self.img_size)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"sample index {i} is out of range for humans set {self.name!r} of {n} samples")
+        self.check_index(i)
         count, P = int(self.num_people[i]), self.max_people
         mask = torch.arange(P) < count
         person_id = self.person_id[i].long()
@@ -145,31 +114,6 @@ class HumansDataset:
             "K": self.K[i],
             "cam_to_world": self.cam_to_world[i],
         }
-
-    def collate(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Stack samples: every field gains a leading batch dim, e.g. ``views`` (B, V, 3, H, W)."""
-        if not items:
-            raise ValueError("collate needs at least one sample; got an empty list")
-        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
-
-    def subset(self, n_or_indices: int | Sequence[int] | torch.Tensor, seed: int = 0) -> "HumansDataset":
-        """``n`` samples drawn at random (fixed by ``seed``, kept in order), or the given indices."""
-        index = subset_index(n_or_indices, len(self), seed, f"humans set {self.name!r}")
-        return replace(self, **{k: getattr(self, k)[index] for k in _ARRAYS}, params=dict(self.params), path=None)
-
-    def save(self, path: str | Path, key: dict[str, Any] | None = None) -> Path:
-        """Write the set as one compressed ``.npz`` (atomically); ``key`` is stored to validate a cache entry."""
-        meta = {"mean": self.mean, "std": self.std, "name": self.name, "params": self.params, "key": key}
-        meta |= {"stride": self.stride, "sigma": self.sigma}
-        self.path = save_npz_set(path, {k: getattr(self, k) for k in _ARRAYS}, meta, _FORMAT_VERSION)
-        return self.path
-
-    @classmethod
-    def load(cls, path: str | Path, key: dict[str, Any] | None = None) -> "HumansDataset":
-        """Read a set written by :meth:`save`; with ``key``, the stored key must match it (else ``DataError``)."""
-        arrays, meta = load_npz_set(path, _ARRAYS, "humans", _FORMAT_VERSION, key)
-        kw = {"mean": tuple(meta["mean"]), "std": tuple(meta["std"]), "name": meta["name"], "params": meta["params"]}
-        return cls(**arrays, stride=meta["stride"], sigma=meta["sigma"], **kw, path=Path(path))
 
 
 def _validate(split: str, n: int, seed: int, views: int, size: int, max_people: int, fov, stride: int) -> None:

@@ -12,19 +12,18 @@ Sample ``i`` depends only on ``(seed, split, i)`` and the parameters (:func:`gen
 """
 
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ...layers.camera import Cameras, camera_rays, pixel_grid, transform_points, unproject
-from ..datasets import TensorImageDataset, subset_index
-from ..errors import DataError
+from ..datasets import TensorImageDataset
 from ..fashion_mnist import load_fashion_mnist
-from ._cache import atomic_write, load_npz_set, load_or_generate, save_npz_set
+from ._cache import atomic_write, load_or_generate
+from ._viewset import ViewSet
 from .fmnist_scenes import _SPLIT_TAG, SPLITS, _check_range, _mean_std, _source_key
 from .render3d import render, sample_boxes_scene, sample_orbit_cameras
 
@@ -37,7 +36,7 @@ _STREAM = 0x523344  # keeps these streams apart from the other generators' for t
 
 
 @dataclass(eq=False)
-class Render3DDataset:
+class Render3DDataset(ViewSet):
     """Multi-view samples in memory (N samples of V views, H x W px); see the module docstring for the fields."""
 
     views: torch.Tensor  # uint8 (N, V, 3, H, W)
@@ -53,52 +52,23 @@ class Render3DDataset:
     name: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the .npz this set was loaded from or saved to (make_render3d copies it)
+    KIND: ClassVar[str] = "render3d"
+    ARRAYS: ClassVar[tuple[str, ...]] = _ARRAYS
+    FORMAT_VERSION: ClassVar[int] = _FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        v = self.views
-        if not (torch.is_tensor(v) and v.dtype == torch.uint8 and v.ndim == 5 and v.shape[2] == 3):
-            raise DataError(
-                f"render3d set {self.name!r}: views must be uint8 (N, V, 3, H, W), got {getattr(v, 'shape', v)}"
-            )
-        N, V, _, H, W = v.shape
-        for key, dtype, shape in (
-            ("depth", torch.float32, (N, V, H, W)),
-            ("normals", torch.float16, (N, V, H, W, 3)),
-            ("object_id", torch.uint8, (N, V, H, W)),
-            ("K", torch.float32, (N, V, 3, 3)),
-            ("cam_to_world", torch.float32, (N, V, 4, 4)),
-            ("distortion", torch.float32, (N, V, 5)),
-            ("xi", torch.float32, (N, V)),
-        ):
-            t = getattr(self, key)
-            if not (torch.is_tensor(t) and t.dtype == dtype and tuple(t.shape) == shape):
-                got = f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
-                raise DataError(f"render3d set {self.name!r}: {key} must be {dtype} {shape}, got {got}")
-        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
-
-    def __len__(self) -> int:
-        return len(self.views)
-
-    @property
-    def num_views(self) -> int:
-        return self.views.shape[1]
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return self.views.shape[3], self.views.shape[4]
-
-    @property
-    def in_chans(self) -> int:
-        return 3
+        self.check_arrays(lambda N, V, H, W: (
+            ("depth", torch.float32, (N, V, H, W)), ("normals", torch.float16, (N, V, H, W, 3)),
+            ("object_id", torch.uint8, (N, V, H, W)), ("K", torch.float32, (N, V, 3, 3)),
+            ("cam_to_world", torch.float32, (N, V, 4, 4)), ("distortion", torch.float32, (N, V, 5)),
+            ("xi", torch.float32, (N, V))))  # fmt: skip
 
     def cameras(self, i: int) -> Cameras:
         """The V cameras of sample ``i``."""
         return Cameras(self.K[i], self.cam_to_world[i], self.img_size, self.distortion[i], self.xi[i])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"sample index {i} is out of range for render3d set {self.name!r} of {n} samples")
+        self.check_index(i)
         H, W = self.img_size
         K, pose, depth = self.K[i], self.cam_to_world[i], self.depth[i]
         # all-zero lens parameters are the pinhole, as in the renderer
@@ -126,30 +96,6 @@ class Render3DDataset:
             "distortion": self.distortion[i],
             "xi": self.xi[i],
         }
-
-    def collate(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Stack samples: every field gains a leading batch dim, e.g. ``views`` (B, V, 3, H, W)."""
-        if not items:
-            raise ValueError("collate needs at least one sample; got an empty list")
-        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
-
-    def subset(self, n_or_indices: int | Sequence[int] | torch.Tensor, seed: int = 0) -> "Render3DDataset":
-        """``n`` samples drawn at random (fixed by ``seed``, kept in order), or the given indices."""
-        index = subset_index(n_or_indices, len(self), seed, f"render3d set {self.name!r}")
-        return replace(self, **{k: getattr(self, k)[index] for k in _ARRAYS}, params=dict(self.params), path=None)
-
-    def save(self, path: str | Path, key: dict[str, Any] | None = None) -> Path:
-        """Write the set as one compressed ``.npz`` (atomically); ``key`` is stored to validate a cache entry."""
-        meta = {"mean": self.mean, "std": self.std, "name": self.name, "params": self.params, "key": key}
-        self.path = save_npz_set(path, {k: getattr(self, k) for k in _ARRAYS}, meta, _FORMAT_VERSION)
-        return self.path
-
-    @classmethod
-    def load(cls, path: str | Path, key: dict[str, Any] | None = None) -> "Render3DDataset":
-        """Read a set written by :meth:`save`; with ``key``, the stored key must match it (else ``DataError``)."""
-        arrays, meta = load_npz_set(path, _ARRAYS, "render3d", _FORMAT_VERSION, key)
-        kw = {"mean": tuple(meta["mean"]), "std": tuple(meta["std"]), "name": meta["name"], "params": meta["params"]}
-        return cls(**arrays, **kw, path=Path(path))
 
 
 @dataclass(frozen=True)

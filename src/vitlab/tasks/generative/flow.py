@@ -33,14 +33,45 @@ from ..base import TaskModel, TaskSpec
 if TYPE_CHECKING:
     from torchmetrics import MetricCollection
 
-__all__ = ["FlowDiT"]
+__all__ = ["FlowDiT", "FlowMetrics", "grid_picture"]
 
 T_SAMPLING = ("logit_normal", "uniform")
 SOLVERS = ("euler", "heun")
 EVAL_TIMES = 8  # the eval loss's fixed times: (k + 0.5) / 8
 
 
-class FlowDiT(TaskModel):
+class FlowMetrics:
+    """The metric and prediction of the flow-matching task models (``flow_dit``, ``mv_adapter``, ``modular_cam``):
+    ``flow_loss``, the held-out MSE between predicted and true velocity at fixed times and noise, per sample."""
+
+    def build_metrics(self) -> MetricCollection:
+        from torchmetrics import MeanMetric, MetricCollection
+
+        return MetricCollection({"flow_loss": MeanMetric()})
+
+    def update_metrics(self, metrics: MetricCollection, output: Any, batch: Mapping[str, Any]) -> None:
+        metrics["flow_loss"].update((output["velocity"] - output["target"]).pow(2).flatten(1).mean(1))
+
+    def summarize_metrics(self, metrics: MetricCollection) -> dict[str, float | list]:
+        """``{"flow_loss": the held-out flow loss at the fixed eval times and noise}``."""
+        return {"flow_loss": float(metrics["flow_loss"].compute())}
+
+    def postprocess(self, output: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"velocity": ...}``: a generator predicts no batch target (``sample`` makes images, views or clips)."""
+        return {"velocity": output["velocity"]}
+
+
+def grid_picture(tiles: torch.Tensor, nrow: int, scale: int = 4) -> Any:
+    """Images ``(N, C, H, W)`` in [0, 1] -> a PIL sheet, ``nrow`` per row with 1 px white gaps, enlarged ``scale``x."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(tiles.float().cpu(), nrow=nrow, padding=1, pad_value=1.0)
+    picture = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    return Image.fromarray(picture.repeat(scale, 0).repeat(scale, 1))
+
+
+class FlowDiT(FlowMetrics, TaskModel):
     """A DiT velocity network on an isotropic backbone's blocks, trained by flow matching (module docstring).
 
     Args:
@@ -224,24 +255,6 @@ class FlowDiT(TaskModel):
         null = torch.full_like(labels, self.num_classes)
         v_cond, v_null = self.velocity(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([labels, null])).chunk(2)
         return v_null + cfg * (v_cond - v_null)
-
-    # -- metrics ------------------------------------------------------------------------------------------------
-    def build_metrics(self) -> MetricCollection:
-        from torchmetrics import MeanMetric, MetricCollection
-
-        return MetricCollection({"flow_loss": MeanMetric()})
-
-    def update_metrics(self, metrics: MetricCollection, output: Any, batch: Mapping[str, Any]) -> None:
-        per_image = (output["velocity"] - output["target"]).pow(2).flatten(1).mean(1)
-        metrics["flow_loss"].update(per_image)
-
-    def summarize_metrics(self, metrics: MetricCollection) -> dict[str, float | list]:
-        """``{"flow_loss": the held-out flow loss at the fixed eval times and noise}``."""
-        return {"flow_loss": float(metrics["flow_loss"].compute())}
-
-    def postprocess(self, output: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{"velocity": (B, C, H, W)}`` (a generator predicts no batch target; ``sample`` makes images)."""
-        return {"velocity": output["velocity"]}
 
     def example_batch(self, batch_size: int = 2, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Random images and class ids (deterministic for a seeded ``generator``; default seed 0).

@@ -41,12 +41,12 @@ from ...models import Paper
 from .._registry import register_task
 from ..base import TaskSpec
 from ..video.base import VideoTaskModel
-from .flow import FlowDiT
+from .flow import FlowDiT, FlowMetrics, grid_picture
 from .modular_cam_parts import LORA_TARGETS, ControlBranch, MotionModule, Scene, direct
 from .mv_adapter_parts import build_flow_base
 
 if TYPE_CHECKING:
-    from torchmetrics import MetricCollection
+    pass
 
 __all__ = ["PAPER", "ModularCam"]
 
@@ -56,7 +56,7 @@ TRAIN_PARTS = ("motion", "lora", "control", "all")
 EVAL_TIMES = 8
 
 
-class ModularCam(VideoTaskModel):
+class ModularCam(FlowMetrics, VideoTaskModel):
     """Clips ``(B, T, C, H, W)`` (+ ``label`` ids, + optional ``cond`` frames) -> velocity, target and times.
 
     Args:
@@ -278,34 +278,12 @@ class ModularCam(VideoTaskModel):
     def draw_samples(self, mean: Sequence[float], std: Sequence[float], per_row: int = 2, seed: int = 0) -> Any:
         """``vitlab predict``: ``per_row`` generated clips (frames across) without a LoRA, then with each camera-motion
         LoRA, a row each, de-normalised with the data set's ``mean``/``std``; deterministic for ``seed``."""
-        from PIL import Image
-        from torchvision.utils import make_grid
-
         rows = [self.sample(per_row, motion=m, generator=torch.Generator().manual_seed(seed)).cpu()
                 for m in [None, *self.motions]]  # fmt: skip
         clips = torch.cat(rows)  # (rows * per_row, T, C, H, W)
         m, s = (torch.tensor(v, dtype=clips.dtype).view(1, 1, -1, 1, 1)[:, :, : clips.shape[2]] for v in (mean, std))
         frames = (clips * s + m).clamp(0, 1).flatten(0, 1)
-        grid = make_grid(frames, nrow=clips.shape[1], padding=1, pad_value=1.0)
-        picture = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        return Image.fromarray(picture.repeat(4, 0).repeat(4, 1))
-
-    # -- metrics ------------------------------------------------------------------------------------------------
-    def build_metrics(self) -> MetricCollection:
-        from torchmetrics import MeanMetric, MetricCollection
-
-        return MetricCollection({"flow_loss": MeanMetric()})
-
-    def update_metrics(self, metrics: MetricCollection, output: Any, batch: Mapping[str, Any]) -> None:
-        metrics["flow_loss"].update((output["velocity"] - output["target"]).pow(2).flatten(1).mean(1))
-
-    def summarize_metrics(self, metrics: MetricCollection) -> dict[str, float | list]:
-        """``{"flow_loss": the held-out clip flow loss at fixed times and noise}``."""
-        return {"flow_loss": float(metrics["flow_loss"].compute())}
-
-    def postprocess(self, output: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{"velocity": (B, T, C, H, W)}`` (clips come from ``sample``)."""
-        return {"velocity": output["velocity"]}
+        return grid_picture(frames, nrow=clips.shape[1])
 
     def example_batch(self, batch_size: int = 2, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Random clips (std 8, as ``flow_dit``'s example: the data term dominates the random flow loss) and ids."""

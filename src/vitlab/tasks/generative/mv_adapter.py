@@ -49,11 +49,11 @@ from ...layers.dit import unpatchify
 from ...models import Paper
 from .._registry import register_task
 from ..base import TaskModel, TaskSpec
-from .flow import FlowDiT
+from .flow import FlowDiT, FlowMetrics, grid_picture
 from .mv_adapter_parts import MODES, PIXEL_MEAN, PIXEL_STD, MVAdapterBlock, RayConditionEncoder, load_flow_base
 
 if TYPE_CHECKING:
-    from torchmetrics import MetricCollection
+    pass
 
 __all__ = ["MVAdapter", "mv_batch"]
 
@@ -82,7 +82,7 @@ def _mv_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any]:
     return int(task_kwargs.get("num_views", 4)), _engine_batch
 
 
-class MVAdapter(TaskModel):
+class MVAdapter(FlowMetrics, TaskModel):
     """A frozen ``FlowDiT`` with MV-Adapter's trainable branches (module docstring).
 
     Args:
@@ -275,34 +275,12 @@ class MVAdapter(TaskModel):
     def draw_prediction(self, raw: Mapping[str, torch.Tensor], pred: Any, batch: Mapping[str, Any]) -> Any:
         """``vitlab predict``: a row per scene: the reference view | the ``num_views`` generated views (20 Euler steps,
         noise seeded 0) | the true views. ``batch`` is the model's normalised input (its reference ``image``)."""
-        from PIL import Image
-        from torchvision.utils import make_grid
-
         views = self.sample(batch["image"], batch["K"], batch["cam_to_world"], batch.get("label"), steps=20,
                             generator=torch.Generator().manual_seed(0))  # fmt: skip
         true = raw["views"].float() / 255
         made = (views.cpu().float() * PIXEL_STD + PIXEL_MEAN).clamp(0, 1)
         tiles = torch.cat([true[:, :1], made, true], 1)  # (B, 1 + 2V, 3, H, W)
-        grid = make_grid(tiles.flatten(0, 1), nrow=tiles.shape[1], padding=1, pad_value=1.0)
-        picture = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        return Image.fromarray(picture.repeat(4, 0).repeat(4, 1))
-
-    # -- metrics ------------------------------------------------------------------------------------------------
-    def build_metrics(self) -> MetricCollection:
-        from torchmetrics import MeanMetric, MetricCollection
-
-        return MetricCollection({"flow_loss": MeanMetric()})
-
-    def update_metrics(self, metrics: MetricCollection, output: Any, batch: Mapping[str, Any]) -> None:
-        metrics["flow_loss"].update((output["velocity"] - output["target"]).pow(2).flatten(1).mean(1))
-
-    def summarize_metrics(self, metrics: MetricCollection) -> dict[str, float | list]:
-        """``{"flow_loss": the held-out flow loss over all views at fixed times and noise}``."""
-        return {"flow_loss": float(metrics["flow_loss"].compute())}
-
-    def postprocess(self, output: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{"velocity": (B, V, 3, H, W)}`` (``sample`` makes the views)."""
-        return {"velocity": output["velocity"]}
+        return grid_picture(tiles.flatten(0, 1), nrow=tiles.shape[1])
 
     def example_batch(self, batch_size: int = 2, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Random views (std 1) on a ring of cameras at 0 deg elevation, view 0 the reference."""
