@@ -44,6 +44,10 @@ class FlowMetrics:
     """The metric and prediction of the flow-matching task models (``flow_dit``, ``mv_adapter``, ``modular_cam``):
     ``flow_loss``, the held-out MSE between predicted and true velocity at fixed times and noise, per sample."""
 
+    target_keys: tuple[str, ...] = ()
+    primary_metric = "flow_loss"
+    higher_is_better = False
+
     def build_metrics(self) -> MetricCollection:
         from torchmetrics import MeanMetric, MetricCollection
 
@@ -83,9 +87,6 @@ class FlowDiT(FlowMetrics, TaskModel):
 
     task_name = "flow_dit"
     batch_keys = ("image",)
-    target_keys = ()
-    primary_metric = "flow_loss"
-    higher_is_better = False
 
     def __init__(
         self,
@@ -146,14 +147,19 @@ class FlowDiT(FlowMetrics, TaskModel):
         return label
 
     # -- the velocity network -----------------------------------------------------------------------------------
+    def condition(self, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """The adaLN conditioning vector ``(B, dim)``: time embedding + class embedding (None: the "no class" id)."""
+        c = self.t_embed(t)
+        if self.y_embed is None:
+            return c
+        if label is None:
+            label = torch.full((t.shape[0],), self.y_embed.null_id, dtype=torch.long, device=t.device)
+        return c + self.y_embed(label)
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         """``v(x_t, t, label)``: ``x`` (B, C, H, W), ``t`` (B,) in [0, 1], label ids (``num_classes``: none)."""
         tokens, grid = self.trunk.embed(x)
-        c = self.t_embed(t)
-        if self.y_embed is not None:
-            if label is None:
-                label = torch.full((x.shape[0],), self.y_embed.null_id, dtype=torch.long, device=x.device)
-            c = c + self.y_embed(label)
+        c = self.condition(t, label)
         for block in self.blocks:
             tokens = block(tokens, c, grid)
         out = self.final(tokens[:, self.trunk.num_prefix_tokens :], c)

@@ -70,9 +70,6 @@ class ModularCam(FlowMetrics, VideoTaskModel):
 
     task_name = "modular_cam"
     batch_keys = ("image",)
-    target_keys = ()
-    primary_metric = "flow_loss"
-    higher_is_better = False
 
     def __init__(
         self,
@@ -175,11 +172,7 @@ class ModularCam(FlowMetrics, VideoTaskModel):
         B, T = x.shape[:2]
         base = self.base
         tokens, grid = base.trunk.embed(x.flatten(0, 1))
-        c = base.t_embed(t.repeat_interleave(T))
-        if base.y_embed is not None:
-            if label is None:
-                label = torch.full((B,), base.y_embed.null_id, dtype=torch.long, device=x.device)
-            c = c + base.y_embed(label.repeat_interleave(T))
+        c = base.condition(t, label).repeat_interleave(T, 0)
         residuals: list[torch.Tensor] = []
         if self.control is not None and cond is not None:
             mask = torch.zeros(B, T, 1, *x.shape[-2:], device=x.device, dtype=x.dtype)

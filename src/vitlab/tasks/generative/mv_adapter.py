@@ -94,9 +94,6 @@ class MVAdapter(FlowMetrics, TaskModel):
 
     task_name = "mv_adapter"
     batch_keys = ("image", "views", "K", "cam_to_world")
-    target_keys = ()
-    primary_metric = "flow_loss"
-    higher_is_better = False
 
     def __init__(
         self,
@@ -178,11 +175,8 @@ class MVAdapter(FlowMetrics, TaskModel):
         base, (B, V) = self.base, x.shape[:2]
         P = base.trunk.num_prefix_tokens
         label = base.check_labels(label, B)
-        if base.y_embed is not None and label is None:
-            label = torch.full((B,), base.y_embed.null_id, dtype=torch.long, device=x.device)
-        y = base.y_embed(label) if base.y_embed is not None else 0
-        c_scene = base.t_embed(t) + y
-        ref = self._reference(reference, base.t_embed(torch.zeros_like(t)) + y)
+        c_scene = base.condition(t, label)
+        ref = self._reference(reference, base.condition(torch.zeros_like(t), label))
         tokens, grid = base.trunk.embed(x.flatten(0, 1))
         c = c_scene.repeat_interleave(V, 0)
         rays = cams.plucker().flatten(0, 1).permute(0, 3, 1, 2).to(x.dtype)  # (B*V, 6, H, W)
