@@ -220,3 +220,23 @@ def test_bad_input_errors():
         annotate(people["joints"], people["shape"], cams, out["depth"], out["person_id"], stride=5)
     with pytest.raises(IndexError):
         generate_stick_humans(n=1, views=1, size=32, cache=False)[1]
+
+
+def test_front_and_back_of_a_person_look_different():
+    """The hair and the darker shirt back make a 180 deg turn visible: the head seen from behind is darker than seen
+    from the front, and the facing direction follows the yaw."""
+    from vitlab.data.synthetic.humans import _forward
+    from vitlab.layers.camera import intrinsics_from_fov, look_at
+
+    shape = torch.ones(1, 4)
+    yaw = torch.tensor([0.7])
+    joints = forward_kinematics(named_pose("standing")[None], shape, torch.tensor([[0.0, 0.0, 1.0]]), yaw)
+    assert torch.allclose(_forward(joints)[0], torch.tensor([math.cos(0.7), math.sin(0.7), 0.0]), atol=1e-5)
+    head = joints[0, JOINTS.index("head")]
+    eyes = torch.stack([head + 1.2 * torch.tensor([math.cos(0.7 + a), math.sin(0.7 + a), 0.0]) for a in (0, math.pi)])
+    cams = Cameras(intrinsics_from_fov(torch.full((2,), 0.6), 48, 48), look_at(eyes, head.expand(2, 3)), (48, 48))
+    people = {"joints": joints, "shape": shape}
+    out = render_humans(people, cams, torch.tensor([[[0.8, 0.6, 0.5], [0.7, 0.2, 0.2], [0.2, 0.2, 0.6]]]))
+    centre = out["rgb"][:, :, 20:28, 20:28].float().mean((1, 2, 3))  # the head fills the image centre
+    assert (out["person_id"][:, 20:28, 20:28] == 1).all()
+    assert centre[1] < 0.5 * centre[0]  # hair behind, skin in front

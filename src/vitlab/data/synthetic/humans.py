@@ -13,7 +13,8 @@ shin radius above it). Cameras: :class:`vitlab.layers.camera.Cameras` (OpenCV fr
 Rendering casts one ray per pixel centre (the camera module's rays) and intersects it exactly with every capsule
 (a cylinder and two end spheres) in 3-D, so depth and occlusion between people and limbs are exact; the background
 (a textured ground and far walls) comes from :func:`.render3d.render`. Each person has a shirt, trousers and skin
-colour, left limbs lighter than right ones, Lambert-shaded under render3d's light. A joint is **visible** in a view
+colour, left limbs lighter than right ones, hair on the back of the head and a darker shirt back (so that facing is
+visible), Lambert-shaded under render3d's light. A joint is **visible** in a view
 when it projects into the image in front of the camera, the pixel it falls in shows its own person, and that
 pixel's depth is at most (joint radius + 3 cm) in front of the joint (the joint lies inside its own capsules, whose
 surface is that close; anything nearer occludes it). Sets, caching and ``vitlab data make stick_humans``:
@@ -77,6 +78,7 @@ _HEAD_RADIUS = 0.11  # a sphere at the head joint
 # part of each bone's capsule (0 skin, 1 shirt, 2 trousers) and the head sphere's; left limbs are drawn lighter
 _PART = (0, 1, 0, 1, 1, 0, 1, 1, 0, 2, 2, 2, 2, 2, 2)
 _LEFT = tuple(j in (3, 4, 5, 9, 10, 11) for j in range(NUM_JOINTS))
+_HAIR = (0.16, 0.11, 0.07)  # the back of every head
 
 # Euler-angle limits (degrees) per joint, rows (x, y, z) as (low, high); x: sideways (abduction for hanging limbs,
 # + moves a left limb outwards), y: + bends a hanging limb backwards / the spine forwards, z: twist about up
@@ -275,6 +277,15 @@ def _ray_capsules(o: torch.Tensor, d: torch.Tensor, A: torch.Tensor, B: torch.Te
     return t
 
 
+def _forward(joints: torch.Tensor) -> torch.Tensor:
+    """Unit facing direction (P, 3) of each person: its left (hips and shoulders, right to left) crossed with its up."""
+    j = JOINTS.index
+    left = joints[:, j("l_hip")] - joints[:, j("r_hip")] + joints[:, j("l_shoulder")] - joints[:, j("r_shoulder")]
+    up = joints[:, j("neck")] - joints[:, j("pelvis")]
+    fwd = torch.linalg.cross(left, up)
+    return fwd / fwd.norm(dim=-1, keepdim=True).clamp(min=1e-9)
+
+
 def _colours(rng: np.random.Generator, count: int) -> torch.Tensor:
     """Per person the RGB (P, 3, 3) of its skin, shirt and trousers."""
     skin = rng.uniform([0.45, 0.3, 0.2], [0.95, 0.75, 0.6], (count, 3))
@@ -311,7 +322,13 @@ def render_humans(
     normal = hit - (A[k] + s.clamp(0, 1)[..., None] * axis)
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp(min=1e-9)
     part = torch.tensor(_PART)[slot[k]]
-    albedo = colours[person[k], part] * torch.where(torch.tensor(_LEFT)[slot[k]], 1.15, 0.9)[..., None]
+    albedo = colours[person[k], part] * torch.where(torch.tensor(_LEFT)[slot[k]], 1.25, 0.8)[..., None]
+    # front/back cues, so that a person's facing (yaw) can be read from one view: hair on the back of the head and a
+    # darker shirt back (a symmetric figure is ambiguous under a 180 deg turn)
+    facing = (normal * _forward(people["joints"])[person[k]]).sum(-1)
+    hair = (slot[k] == 0) & (facing < 0.2)
+    albedo = torch.where(hair[..., None], torch.tensor(_HAIR), albedo)
+    albedo = albedo * torch.where((part == 1) & (facing < 0), 0.6, 1.0)[..., None]
     light = torch.tensor(scene.light)
     lambert = (normal @ (light / light.norm())).clamp(min=0)
     shaded = (albedo * (0.45 + 0.55 * lambert)[..., None]).clamp(0, 1).mul(255).round().to(torch.uint8)

@@ -38,7 +38,7 @@ from .humans import (
 
 __all__ = ["GENERATOR_VERSION", "HumansDataset", "generate_stick_humans", "make_stick_humans", "save_humans_preview"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: hair and a darker shirt back (front/back cues)
 _FORMAT_VERSION = 1
 _ARRAYS = ("views", "depth", "person_id", "joints_3d", "angles", "shape", "yaw", "pose_id", "num_people", "K",
            "cam_to_world")  # fmt: skip
