@@ -65,3 +65,23 @@ def test_fourm_fits_its_tokenizers_then_predicts_maps_from_an_image(tmp_path):
     (picture,) = predict_dense([image], run)
     # image | semantic overlay (the overlay draws image and blend) | depth, 32 px each
     assert Image.open(picture).size == (3 * 32, 32)
+
+
+def test_fourm_resume_restores_its_tokenizers_instead_of_refitting_them(tmp_path, monkeypatch):
+    from vitlab.tasks.generative.fourm import FourM
+
+    cfg = RunConfig(out=str(tmp_path / "runs"), name="cut", log_every=1, device="cpu", stop_after_steps=1)
+    cfg.task.task, cfg.task.backbone_args = "fourm", TINY_BACKBONE
+    cfg.task.task_args = '{"tokenizer_steps": 2, "tokenizer_scenes": 4, "levels": [3, 3], "semseg_levels": [3, 3]}'
+    cfg.data.dataset, cfg.model.img_size = "fmnist_scenes_3d", 32
+    cfg.data.train_subset, cfg.data.test_subset, cfg.data.batch_size = 8, 4, 4
+    cfg.optim.steps = 2
+    cut = train(cfg)
+    assert not (cut / "summary.json").exists()
+
+    def refit(self, dataset):
+        raise AssertionError("a resumed run refitted its tokenizers")
+
+    monkeypatch.setattr(FourM, "prepare_data", refit)
+    train(resume=cut)
+    assert json.loads((cut / "summary.json").read_text())["steps"] == 2

@@ -152,7 +152,9 @@ def _metadata(cfg: RunConfig, setup: Setup) -> dict[str, Any]:
     return meta
 
 
-def _build(cfg: RunConfig, env: DistEnv, device: torch.device) -> tuple[Setup, dict[str, Any], Any, Any, Ema | None]:
+def _build(
+    cfg: RunConfig, env: DistEnv, device: torch.device, resuming: bool = False
+) -> tuple[Setup, dict[str, Any], Any, Any, Ema | None]:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     data = _data(cfg, device)
@@ -160,8 +162,8 @@ def _build(cfg: RunConfig, env: DistEnv, device: torch.device) -> tuple[Setup, d
     model = build_model(cfg, len(classes), in_chans).to(device)
     if cfg.model.init_from:  # fine-tuning: start from trained weights (a new head if classes differ)
         init_from_checkpoint(model, cfg.model.init_from)
-    elif hasattr(model, "prepare_data"):  # a task that fits parts on the data first (4M's tokenizers)
-        model.prepare_data(data["train"].dataset)
+    elif hasattr(model, "prepare_data") and not resuming:
+        model.prepare_data(data["train"].dataset)  # fits parts first (4M's tokenizers); a resume restores them
     setup = Setup(cfg, env, device, model, classes, in_chans, model_img_size(cfg), data["train"])
     install_techniques(setup, "model")  # surgery before the EMA copy and DDP, so both hold it
     if cfg.channels_last and device.type == "cuda":
@@ -206,7 +208,7 @@ class _RunLog:
 
 
 def _run(cfg: RunConfig, resume: str | Path | None, env: DistEnv, device: torch.device) -> Path:
-    setup, data, optimizer, scheduler, ema = _build(cfg, env, device)
+    setup, data, optimizer, scheduler, ema = _build(cfg, env, device, resuming=resume is not None)
     use_amp, amp_dtype, scaler = amp_setup(cfg.amp, cfg.amp_dtype, device)
     run = Path(resume) if resume is not None else broadcast_from_main(env, lambda: _new_run_dir(cfg))
     state = TrainState(
