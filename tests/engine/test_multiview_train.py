@@ -23,9 +23,10 @@ from vitlab.tasks.pose3d import MultiHMR, MvP
 
 TINY_BACKBONE = '{"embed_dim": 32, "depth": 1, "num_heads": 2}'
 GRID_5 = (4 * (5 * 17 + 1), 4 * (4 * 17 + 1))  # mv_adapter: reference | 2 generated | 2 true views, 1 px gaps
-CASES = {  # task: (task args, model class, primary metric, picture size: 4 scenes of 16 px tiles, enlarged 4x)
-    "dust3r": ('{"dec_dim": 32, "dec_depth": 1}', Dust3R, "pointmap_err", (4 * 16 * 4, 4 * 16 * 4)),
-    "vggt": ('{"num_frames": 3, "dim": 32, "depth": 1}', VGGT, "pointmap_err", (4 * 16 * 4, 4 * 16 * 4)),
+CASES = {  # task: (task args, model class, primary metric, picture size: 4 scenes of 16 px tiles, enlarged 4x;
+    # dust3r / vggt: view 1, depth, confidence, true depth, predicted and true clouds)
+    "dust3r": ('{"dec_dim": 32, "dec_depth": 1}', Dust3R, "pointmap_err", (6 * 16 * 4, 4 * 16 * 4)),
+    "vggt": ('{"num_frames": 3, "dim": 32, "depth": 1}', VGGT, "pointmap_err", (6 * 16 * 4, 4 * 16 * 4)),
     "ucpe_nvs": ('{"compress": 1}', UCPENovelView, "psnr", (3 * 16 * 4, 4 * 16 * 4)),
     "multihmr": ('{"head_dim": 32, "hph_depth": 1, "hph_heads": 2}', MultiHMR, "mpjpe", (2 * 16 * 4, 4 * 16 * 4)),
     "mv_adapter": ('{"num_views": 2}', MVAdapter, "flow_loss", GRID_5),

@@ -8,7 +8,8 @@ samples instead, a row per class (``sample_grid``); the image arguments are not 
 (tasks with a ``TaskSpec.data_adapter``: dust3r, vggt, ucpe_nvs, multihmr, mv_adapter, ...) predict on the first
 scenes of their run's test split instead: the model's own ``draw_prediction(raw, pred, batch)`` when it has one
 (skeletons, waypoints, generated views), else ``views_picture``: view 1 | its predicted depth | confidence | true
-depth, or for novel-view synthesis source | predicted target | true target.
+depth (| predicted | true point cloud for pointmap models), or for novel-view synthesis source | predicted target |
+true target.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def _colour(values: torch.Tensor, valid: torch.Tensor, cmap: str) -> np.ndarray:
 
 def views_picture(raw: dict[str, torch.Tensor], pred: dict[str, torch.Tensor], scale: int = 4) -> Image.Image:
     """One row per scene of ``raw`` (a collated multi-view batch: uint8 ``views``, ``depth``): view 1, its predicted
-    depth (``pred["depth"]``) and confidence, the true depth; or (``pred["target"]`` in the ucpe_nvs normalised
+    depth (``pred["depth"]``) and confidence, the true depth, and with ``pred["pointmap"]`` the predicted and true
+    clouds (``tasks.multiview.pointcloud``); or (``pred["target"]`` in the ucpe_nvs normalised
     space) view 1, the predicted view 2 and the true view 2. Enlarged ``scale`` times."""
     rows = []
     for b in range(raw["views"].shape[0]):
@@ -143,9 +145,20 @@ def views_picture(raw: dict[str, torch.Tensor], pred: dict[str, torch.Tensor], s
             valid = raw["depth"][b, 0] > 0
             tiles = [view1, _colour(depth, everywhere, "viridis"), _colour(conf, everywhere, "magma"),
                      _colour(raw["depth"][b, 0], valid, "viridis")]  # fmt: skip
+            if "pointmap" in pred:  # dust3r / vggt: the predicted and true clouds of every view, view 1's frame
+                tiles += _cloud_tiles(raw, pred["pointmap"], b)
         rows.append(np.concatenate([t.astype(np.uint8) for t in tiles], axis=1))
     picture = np.concatenate(rows, axis=0).repeat(scale, 0).repeat(scale, 1)
     return Image.fromarray(picture)
+
+
+def _cloud_tiles(raw: dict[str, torch.Tensor], pointmap: torch.Tensor, b: int) -> list[np.ndarray]:
+    from ..layers.camera import invert_pose, transform_points
+    from ..tasks.multiview.pointcloud import pointcloud_tiles
+
+    V = pointmap.shape[1]
+    true = transform_points(invert_pose(raw["cam_to_world"][b, 0])[None, None, None], raw["pointmap"][b, :V])
+    return pointcloud_tiles(raw["views"][b, :V], pointmap[b].float(), true, raw["valid"][b, :V], raw["depth"].shape[-1])
 
 
 @torch.inference_mode()
