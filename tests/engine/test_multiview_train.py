@@ -102,3 +102,23 @@ def test_bad_pairings_fail_clearly(tmp_path):
     shutil.copy(run / "checkpoints" / "final.safetensors", lone)
     with pytest.raises(ValueError, match="give the run directory"):
         predict_dense([], lone)
+
+
+def test_mv_adapter_trains_on_a_base_checkpoint_and_reloads_without_it(tmp_path):
+    from vitlab.engine.checkpoint import save_weights
+    from vitlab.tasks.generative.flow import FlowDiT
+
+    tiny = json.loads(TINY_BACKBONE)
+    base = FlowDiT("vit_micro_patch4_28", num_classes=10, in_chans=3, img_size=16, backbone_kwargs=tiny)
+    meta = {"task": "flow_dit", "model": "vit_micro_patch4_28", "backbone_args": tiny, "task_args": {},
+            "num_classes": 10, "in_chans": 3, "img_size": 16}  # fmt: skip
+    path = save_weights(base, tmp_path / "base.safetensors", meta)
+    cfg = _cfg(tmp_path, "mv_adapter")
+    cfg.task.task_args = json.dumps({"num_views": 2, "base_checkpoint": str(path)})
+    run = train(cfg)  # a 10-class base under the engine's unlabelled scenes (its null class)
+    path.unlink()
+    model, _, _ = load_trained(run)
+    assert model.num_classes == 10
+    assert isinstance(model, MVAdapter)
+    for (name, a), b in zip(model.base.state_dict().items(), base.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the frozen base, restored from the run's own weights

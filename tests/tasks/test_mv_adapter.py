@@ -1,6 +1,8 @@
 """MV-Adapter (paper 41): zero-init identity for every mode, row-wise == masked full attention, frozen base, ray
 encoder shapes, the consistency metric, the base checkpoint and bad inputs."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +171,29 @@ def test_sample_shape_and_shared_noise():
     assert torch.equal(a, again)
     with pytest.raises(ValueError, match="steps must be"):
         model.sample(b["image"], b["K"], b["cam_to_world"], steps=0)
+
+
+def test_a_run_reloads_after_its_base_checkpoint_is_deleted(tmp_path):
+    torch.manual_seed(0)
+    base = FlowDiT("vit_micro_patch4_28", num_classes=10, in_chans=3, img_size=16, backbone_kwargs=TINY)
+    meta = {"task": "flow_dit", "model": "vit_micro_patch4_28", "backbone_args": TINY, "task_args": {},
+            "num_classes": 10, "in_chans": 3, "img_size": 16}  # fmt: skip
+    save_weights(base, tmp_path / "base.safetensors", meta)
+    model = MVAdapter(img_size=16, base_checkpoint=str(tmp_path / "base.safetensors"), num_views=2)
+    args = model.reload_args({"base_checkpoint": str(tmp_path / "base.safetensors"), "num_views": 2})
+    (tmp_path / "base.safetensors").unlink()
+    assert args["base_checkpoint"] is None
+    assert args["base_config"]["backbone_args"] == TINY
+    json.dumps(args)  # it goes into the run's metadata
+    again = MVAdapter(img_size=16, **args)
+    again.load_state_dict(model.state_dict())  # strict: the recorded architecture is the base's
+    batch = model.example_batch(2, torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
+    a = model(batch["image"], **model.forward_kwargs(batch))
+    torch.manual_seed(2)
+    b = again(batch["image"], **again.forward_kwargs(batch))
+    torch.testing.assert_close(a["velocity"], b["velocity"])
+    with pytest.raises(ValueError, match="exactly one"):
+        MVAdapter(img_size=16, base_checkpoint="x", base_config=args["base_config"])
+    with pytest.raises(ValueError, match="base_config lacks"):
+        MVAdapter(img_size=16, base_config={"model": "vit_micro_patch4_28"})

@@ -145,6 +145,8 @@ def _metadata(cfg: RunConfig, setup: Setup) -> dict[str, Any]:
         meta["task"] = cfg.task.task
         # the architecture's keywords, so the run reloads as built (drop path only matters in training)
         meta["task_args"] = json_keywords("--task-args", cfg.task.task_args)
+        if hasattr(setup.model, "reload_args"):  # e.g. a frozen base's architecture instead of its file
+            meta["task_args"] = setup.model.reload_args(meta["task_args"])
         meta["backbone_args"] = json_keywords("--backbone-args", cfg.task.backbone_args)
     records = surgery_of(setup.model)
     if records:

@@ -43,7 +43,7 @@ from ..base import TaskSpec
 from ..video.base import VideoTaskModel
 from .flow import FlowDiT, FlowMetrics, grid_picture
 from .modular_cam_parts import LORA_TARGETS, ControlBranch, MotionModule, Scene, direct
-from .mv_adapter_parts import build_flow_base
+from .mv_adapter_parts import FlowBaseReload, build_flow_base
 
 if TYPE_CHECKING:
     pass
@@ -56,11 +56,12 @@ TRAIN_PARTS = ("motion", "lora", "control", "all")
 EVAL_TIMES = 8
 
 
-class ModularCam(FlowMetrics, VideoTaskModel):
+class ModularCam(FlowBaseReload, FlowMetrics, VideoTaskModel):
     """Clips ``(B, T, C, H, W)`` (+ ``label`` ids, + optional ``cond`` frames) -> velocity, target and times.
 
     Args:
         base_checkpoint: a ``flow_dit`` checkpoint; None builds a random base of ``backbone`` (tests, ``train="all"``).
+            base_config: the base's architecture instead (a reloading run writes it; its weights come from the run).
         motions: the camera-motion LoRAs to create (names, e.g. ``["pan_left", "zoom_in"]``); ``lora_rank`` their rank.
         active_motion: the LoRA active in ``forward`` (None: the motion module alone).
         control: add the conditioning branch (copies of the first ``control_depth`` blocks).
@@ -81,6 +82,7 @@ class ModularCam(FlowMetrics, VideoTaskModel):
         num_frames: int = 8,
         backbone_kwargs: dict[str, Any] | None = None,
         base_checkpoint: str | None = None,
+        base_config: dict[str, Any] | None = None,
         motions: Sequence[str] = (),
         lora_rank: int = 4,
         active_motion: str | None = None,
@@ -95,8 +97,9 @@ class ModularCam(FlowMetrics, VideoTaskModel):
         super().__init__(backbone, num_classes=num_classes, in_chans=in_chans, img_size=img_size, num_frames=num_frames)
         if train not in TRAIN_PARTS:  # checked before the base is loaded
             raise ValueError(f"train must be one of {TRAIN_PARTS}, got {train!r}")
-        if base_checkpoint is not None:
-            self.base = build_flow_base(base_checkpoint)
+        self.base_config = None
+        if base_checkpoint is not None or base_config is not None:
+            self.base, self.base_config = build_flow_base(base_checkpoint, base_config)
             if (self.base.in_chans, self.base.img_size) != (in_chans, img_size):
                 raise ValueError(f"base_checkpoint makes {self.base.in_chans}-channel {self.base.img_size} px frames; "
                                  f"asked for in_chans={in_chans}, img_size={img_size}")  # fmt: skip

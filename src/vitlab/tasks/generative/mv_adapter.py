@@ -50,7 +50,15 @@ from ...models import Paper
 from .._registry import register_task
 from ..base import TaskModel, TaskSpec
 from .flow import FlowDiT, FlowMetrics, grid_picture
-from .mv_adapter_parts import MODES, PIXEL_MEAN, PIXEL_STD, MVAdapterBlock, RayConditionEncoder, load_flow_base
+from .mv_adapter_parts import (
+    MODES,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    FlowBaseReload,
+    MVAdapterBlock,
+    RayConditionEncoder,
+    build_flow_base,
+)
 
 if TYPE_CHECKING:
     pass
@@ -82,12 +90,13 @@ def _mv_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any]:
     return int(task_kwargs.get("num_views", 4)), _engine_batch
 
 
-class MVAdapter(FlowMetrics, TaskModel):
+class MVAdapter(FlowBaseReload, FlowMetrics, TaskModel):
     """A frozen ``FlowDiT`` with MV-Adapter's trainable branches (module docstring).
 
     Args:
         base_checkpoint: a ``flow_dit`` checkpoint (file or run directory); its architecture replaces ``backbone``
-            and ``backbone_kwargs``. None: a random base (tests).
+            and ``backbone_kwargs``. None: a random base (tests). base_config: the base's architecture instead (a
+            reloading run writes it; its weights then come from the run).
         num_views: views per scene. mode: "row", "full" or "none". copy_weights: initialise the branches from the
             base's attention. reference: the image cross-attention to the reference view (``image``).
     """
@@ -104,6 +113,7 @@ class MVAdapter(FlowMetrics, TaskModel):
         img_size: int = 32,
         backbone_kwargs: dict[str, Any] | None = None,
         base_checkpoint: str | None = None,
+        base_config: dict[str, Any] | None = None,
         num_views: int = 4,
         mode: str = "row",
         copy_weights: bool = True,
@@ -117,23 +127,21 @@ class MVAdapter(FlowMetrics, TaskModel):
             raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
         if in_chans != 3:
             raise ValueError(f"in_chans must be 3 (RGB views), got {in_chans}")
-        if base_checkpoint is not None:
-            meta, state = load_flow_base(base_checkpoint)
-            got = (meta.get("in_chans"), meta.get("img_size"), meta.get("num_classes"))
-            if got != (in_chans, img_size, num_classes):
+        self.base_config = None
+        if base_checkpoint is not None or base_config is not None:
+            base, self.base_config = build_flow_base(base_checkpoint, base_config)
+            c = self.base_config
+            if (c["in_chans"], c["img_size"]) != (in_chans, img_size):
                 raise ValueError(
-                    f"base_checkpoint is for (in_chans, img_size, num_classes) = {got}; this model is built with "
-                    f"{(in_chans, img_size, num_classes)}"
+                    f"base_checkpoint makes {c['in_chans']}-channel {c['img_size']} px images; this model is built "
+                    f"with in_chans={in_chans}, img_size={img_size}"
                 )
-            backbone, backbone_kwargs = meta["model"], meta.get("backbone_args") or None
-            self.backbone_name = backbone
-        base_kwargs = meta.get("task_args", {}) if base_checkpoint is not None else {}
-        base = FlowDiT(backbone, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                       backbone_kwargs=backbone_kwargs, **base_kwargs)  # fmt: skip
-        if base_checkpoint is not None:
-            base.load_state_dict(state)
+            self.num_classes = c["num_classes"]  # the base's labels (scenes without one use its null class)
+            self.backbone_name = c["model"]
         else:  # a random test base: its adaLN-Zero and output layers (zero) are redrawn large, so that the frozen
             # base is far from the zero map and a few adapter steps visibly correct it (the contract's overfit test)
+            base = FlowDiT(backbone, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                           backbone_kwargs=backbone_kwargs)  # fmt: skip
             for m in base.modules():
                 if isinstance(m, nn.Linear) and not m.weight.any():
                     nn.init.normal_(m.weight, std=RANDOM_BASE_GAIN / m.in_features**0.5)

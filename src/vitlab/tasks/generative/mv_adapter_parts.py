@@ -23,6 +23,7 @@ from ...layers.dit import AdaLNZeroBlock, modulate
 
 __all__ = [
     "MODES",
+    "FlowBaseReload",
     "MVAdapterBlock",
     "RayConditionEncoder",
     "build_flow_base",
@@ -292,13 +293,39 @@ def multiview_consistency(
     return -10 * torch.log10(mse.clamp(min=1e-10))
 
 
-def build_flow_base(path: str | Path) -> Any:
-    """The trained ``FlowDiT`` a ``flow_dit`` checkpoint holds, built from its metadata (errors: ``load_flow_base``)."""
+def build_flow_base(path: str | Path | None = None, config: dict[str, Any] | None = None) -> tuple[Any, dict]:
+    """``(FlowDiT, config)``: the trained base a ``flow_dit`` checkpoint ``path`` holds, or an untrained one of the
+    architecture ``config`` records (``model``, ``backbone_args``, ``task_args``, ``num_classes``, ``in_chans``,
+    ``img_size``: what a reloading run needs once its weights replace the base's). Errors: ``load_flow_base``."""
     from .flow import FlowDiT
 
-    meta, state = load_flow_base(path)
-    base = FlowDiT(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"],
-                   img_size=meta["img_size"], backbone_kwargs=meta.get("backbone_args") or None,
-                   **meta.get("task_args", {}))  # fmt: skip
-    base.load_state_dict(state)
-    return base
+    if (path is None) == (config is None):
+        raise ValueError("give a base checkpoint or a base architecture config, exactly one")
+    state = None
+    if path is not None:
+        meta, state = load_flow_base(path)
+        config = {k: meta.get(k) for k in ("model", "num_classes", "in_chans", "img_size")}
+        config |= {"backbone_args": meta.get("backbone_args") or None, "task_args": meta.get("task_args") or {}}
+    assert config is not None
+    missing = {"model", "num_classes", "in_chans", "img_size"} - set(config)
+    if missing:
+        raise ValueError(f"base_config lacks {sorted(missing)}; it is written by a run trained from base_checkpoint")
+    base = FlowDiT(config["model"], num_classes=config["num_classes"], in_chans=config["in_chans"],
+                   img_size=config["img_size"], backbone_kwargs=config.get("backbone_args") or None,
+                   **(config.get("task_args") or {}))  # fmt: skip
+    if state is not None:
+        base.load_state_dict(state)
+    return base, config
+
+
+class FlowBaseReload:
+    """For models on a frozen ``FlowDiT`` base (``base_config`` set when built from a checkpoint): the keywords a
+    saved run rebuilds them with record the base's architecture instead of its file, since the run's own weights
+    hold the base; a run so reloads after the base checkpoint is moved or deleted."""
+
+    base_config: dict[str, Any] | None
+
+    def reload_args(self, task_args: dict[str, Any]) -> dict[str, Any]:
+        if self.base_config is None:
+            return task_args
+        return {**task_args, "base_checkpoint": None, "base_config": self.base_config}
