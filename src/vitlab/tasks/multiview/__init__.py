@@ -4,7 +4,9 @@ metrics live in :mod:`.geometry`; cameras follow :mod:`vitlab.layers.camera`."""
 
 from . import geometry
 from .dust3r import Dust3R, pairs_from_render3d
+from .global_align import Alignment, reconstruct  # the module stays reachable as .global_align, like .geometry
 from .ucpe import UCPENovelView
 from .vggt import VGGT, frames_from_render3d
 
-__all__ = ["VGGT", "Dust3R", "UCPENovelView", "frames_from_render3d", "geometry", "pairs_from_render3d"]
+__all__ = ["VGGT", "Alignment", "Dust3R", "UCPENovelView", "frames_from_render3d", "geometry", "global_align",
+           "pairs_from_render3d", "reconstruct"]  # fmt: skip
