@@ -2,17 +2,22 @@
 
 Rows: ``full`` (dust3r: cross-attending decoders, confidence-weighted loss), ``no_cross`` (decoders without
 cross-attention), ``no_conf`` (plain normalised Euclidean loss); ``vggt`` (``--views`` frames, alternating frame-wise
-and global attention) and ``vggt_no_global`` (frame-wise only). Each row trains its model from scratch on the
+and global attention) and ``vggt_no_global`` (frame-wise only); the heads: ``full_dpt`` and ``vggt_dpt`` (DPT heads on
+the tapped decoder layers instead of linear ones), ``vggt_iter3`` (3 camera-head iterations), ``vggt_tracks`` (the
+tracking head on a 4 x 4 grid of frame-1 queries: track error in px on visible points of frames 2.., visibility
+accuracy). Each row trains its model from scratch on the
 same Render3D samples (one seed = one initialisation and batch order) and reports on held-out samples: the
 scale-invariant pointmap error, depth AbsRel / delta < 1.25 (median-aligned) and the rotation error (dust3r: view 2's
 relative rotation by Procrustes; vggt: its camera head); then each dust3r model runs on the Middlebury "Motorcycle"
 pair (``data/stereo.py``), centre square resized to the model's size, depth median-aligned, errors on
 valid-disparity pixels. A constant depth (median-aligned) is the floor every depth figure is compared with, "no
-relative rotation" the floor of the rotation error.
+relative rotation" the floor of the rotation error, "no motion" (every query stays where it is, always visible) the
+floor of the tracks. ``--spread`` narrows the views' azimuth range (Render3D's ``spread``, default 60 deg),
+``--camera-weight`` sets the vggt rows' camera-loss weight, ``--name`` the result files' stem.
 
     nice -n 5 .venv/bin/python benchmarks/pointmaps.py --threads 1 --steps 400 --seeds 0 1
 
-writes ``benchmarks/results/pointmaps.{csv,md,png}`` after every finished run.
+writes ``benchmarks/results/pointmaps.{csv,md,png}`` (``--name``) after every finished run.
 """
 
 from __future__ import annotations
@@ -34,18 +39,23 @@ from vitlab.data.stereo import load_middlebury_pair
 from vitlab.data.synthetic import make_dataset
 from vitlab.tasks import create_task_model
 from vitlab.tasks.multiview import frames_from_render3d, pairs_from_render3d
-from vitlab.tasks.multiview.geometry import depth_errors, rotation_angle_deg
+from vitlab.tasks.multiview.geometry import depth_errors, rotation_angle_deg, track_ground_truth
+from vitlab.tasks.multiview.heads import query_grid
 
 ROWS = {"full": {}, "no_cross": {"cross_view": False}, "no_conf": {"confidence": False},
-        "vggt": {"task": "vggt"}, "vggt_no_global": {"task": "vggt", "global_attention": False}}  # fmt: skip
-COLUMNS = ["pointmap_err", "depth_absrel", "depth_delta1", "rot_err_deg", "fov_err_deg", "mb_absrel", "mb_delta1",
-           "train_s"]  # fmt: skip
+        "vggt": {"task": "vggt"}, "vggt_no_global": {"task": "vggt", "global_attention": False},
+        "full_dpt": {"head": "dpt"}, "vggt_dpt": {"task": "vggt", "head": "dpt"},
+        "vggt_iter3": {"task": "vggt", "camera_iters": 3},
+        "vggt_tracks": {"task": "vggt", "track_queries": 16}}  # fmt: skip
+COLUMNS = ["pointmap_err", "depth_absrel", "depth_delta1", "rot_err_deg", "fov_err_deg", "track_err_px",
+           "track_vis_acc", "mb_absrel", "mb_delta1", "train_s"]  # fmt: skip
+TRACK_QUERIES = 16
 BACKBONE = "vit_micro_patch4_28"
 ENCODER = {"embed_dim": 64, "depth": 4, "num_heads": 2}
 
 
-def load_pairs(split: str, n: int, size: int, stats=None, views: int = 2):
-    data = make_dataset("render3d", split=split, n=n, views=views, size=size)
+def load_pairs(split: str, n: int, size: int, stats=None, views: int = 2, spread: float = 60.0):
+    data = make_dataset("render3d", split=split, n=n, views=views, size=size, spread=spread)
     mean, std = stats or (data.mean, data.std)
     to_batch = pairs_from_render3d if views == 2 else frames_from_render3d
     batch = to_batch(data.collate([data[i] for i in range(len(data))]), mean, std)
@@ -57,11 +67,11 @@ def _slice(batch: dict, index) -> dict:
 
 
 def build(kw: dict, args):
-    kw = dict(kw)
+    kw = {"head": "linear", **kw}  # rows name their head: linear unless `_dpt`, whatever the task's default
     task = kw.pop("task", "dust3r")
     if task == "vggt":  # the same widths: aggregator 64 wide, dec_depth frame/global pairs
         depth = kw.pop("dec_depth")
-        kw = {**kw, "num_frames": args.views, "dim": 64, "depth": depth}
+        kw = {**kw, "num_frames": args.views, "dim": 64, "depth": depth, "camera_weight": args.camera_weight}
     return create_task_model(task, BACKBONE, img_size=args.size, backbone_kwargs=ENCODER, **kw)
 
 
@@ -112,6 +122,18 @@ def middlebury(model, pair: dict, mean, std) -> dict[str, float]:
     return {"mb_absrel": absrel.item(), "mb_delta1": 100 * delta.item()}
 
 
+def track_floor(test: dict, size: int) -> dict[str, float]:
+    """Tracks of "no motion": every query stays at its frame-1 pixel and is called visible (frames 2..)."""
+    queries = query_grid(TRACK_QUERIES, size)
+    uv, visible, ok = track_ground_truth(queries, test["depth"], test["valid"], test["K"], test["cam_to_world"])
+    uv, visible = uv[:, 1:], visible[:, 1:]
+    w = visible.float()
+    err = ((queries - uv).norm(dim=-1) * w).sum((1, 2)) / w.sum((1, 2))
+    m = ok[:, None].expand_as(visible).float()
+    acc = 100 * (w * m).sum((1, 2)) / m.sum((1, 2))
+    return {"track_err_px": err[err.isfinite()].mean().item(), "track_vis_acc": acc[acc.isfinite()].mean().item()}
+
+
 def floors(test: dict, pair: dict | None) -> dict[str, float]:
     """Depth errors of a constant depth (median-aligned) and the rotation error of "no rotation": what to beat."""
     gt, valid = test["depth"], test["valid"]  # every view (vggt's depth metric); dust3r's is view 1's
@@ -128,8 +150,24 @@ def floors(test: dict, pair: dict | None) -> dict[str, float]:
             "mb_absrel": mb_absrel.item(), "mb_delta1": 100 * mb_delta.item()}  # fmt: skip
 
 
+def single_view_floor(test: dict) -> dict[str, float]:
+    """Rotation error of the best guess from single-view cues: every camera's pitch and roll relative to gravity
+    (the ground and walls show them in one image) exact, its azimuth change left out. Render3D's cameras orbit the
+    scene (z-up world), so what is left is the yaw (azimuth) change, which only a cross-view match can tell."""
+    c2w = test["cam_to_world"].double()
+    R1, R = c2w[:, :1, :3, :3], c2w[:, 1:, :3, :3]
+    fwd = c2w[..., :3, 2]  # the optical axes in the world
+    yaw = torch.atan2(fwd[..., 1], fwd[..., 0])
+    d = (yaw[:, 1:] - yaw[:, :1])[..., None, None]
+    c, s, zero, one = torch.cos(d), torch.sin(d), torch.zeros_like(d), torch.ones_like(d)
+    Rz = torch.cat([torch.cat([c, -s, zero], -1), torch.cat([s, c, zero], -1), torch.cat([zero, zero, one], -1)], -2)
+    guess = R1.transpose(-1, -2) @ Rz.transpose(-1, -2) @ R  # the true relative rotation with the yaw change undone
+    return {"rot_err_deg": rotation_angle_deg(guess, R1.transpose(-1, -2) @ R).mean().item()}
+
+
 def _floor_row(name: str, floor: dict) -> str:
-    keys = ("depth_absrel", "depth_delta1", "rot_err_deg", "fov_err_deg", "mb_absrel", "mb_delta1")
+    keys = ("depth_absrel", "depth_delta1", "rot_err_deg", "fov_err_deg", "track_err_px", "track_vis_acc",
+            "mb_absrel", "mb_delta1")  # fmt: skip
     cells = " | ".join(cell([floor.get(k)], 3 if "absrel" in k else 1) for k in keys)
     return f"| {name} | - | - | {cells} | - |"
 
@@ -137,7 +175,7 @@ def _floor_row(name: str, floor: dict) -> str:
 def write(rows: dict[str, list[dict]], floors_: dict[str, dict], args, meta: dict) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = {label: rows[label] for label in ROWS if label in rows}
-    with open(args.out / "pointmaps.csv", "w", newline="") as f:
+    with open(args.out / f"{args.name}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["row", "seed", *COLUMNS])
         for task, floor in floors_.items():
@@ -152,12 +190,16 @@ def write(rows: dict[str, list[dict]], floors_: dict[str, dict], args, meta: dic
         "",
         f"Date {meta['date']}, torch {torch.__version__}. Command: `python benchmarks/pointmaps.py "
         f"{' '.join(sys.argv[1:])}`. Data: Render3D (`make_dataset('render3d', size={args.size})`: textured "
-        f"boxes on a textured ground inside walls, orbit cameras, FoV 40-75 deg, views up to 60 deg of azimuth from "
-        f"view 1), {args.n} training / {args.test_n} test samples at {args.size} px, 2 views for the dust3r rows, "
+        f"boxes on a textured ground inside walls, orbit cameras, FoV 40-75 deg, views up to {args.spread:g} deg of "
+        f"azimuth from view 1), {args.n} training / {args.test_n} test samples at {args.size} px, 2 views "
+        f"for the dust3r rows, "
         f"{args.views} for the vggt rows. Encoder `{BACKBONE}` {ENCODER} (patch 4, its own learned position embedding) "
-        f"shared by the views; dust3r: decoders 2 x {args.dec_depth} blocks of width 64 with 2-D RoPE, linear heads, "
-        f"pts_mode exp; vggt: {args.dec_depth} frame/global block pairs of width 64, camera token + 2 registers, "
-        f"linear depth/pointmap heads, MLP camera head. Parameters (M): {meta['params']}. Training: {args.steps} "
+        f"shared by the views; dust3r: decoders 2 x {args.dec_depth} blocks of width 64 with 2-D RoPE, linear heads "
+        f"(`_dpt` rows: DPT heads, fusion width 32, on the encoder tokens and every block), pts_mode exp; vggt: "
+        f"{args.dec_depth} frame/global block pairs of width 64, camera token + 2 registers, linear depth/pointmap "
+        f"heads (`vggt_dpt`: DPT on each pair's concatenated outputs), MLP camera head (`vggt_iter3`: 2 refinement "
+        f"iterations), camera-loss weight {args.camera_weight:g}. Parameters (M): {meta['params']}. Training: "
+        f"{args.steps} "
         f"steps, batch {args.batch}, AdamW lr {args.lr} (wd 0.05, warmup 5% + cosine, clip 1), from scratch. "
         f"Seeds {seeds} (n = seeds per row; mean ± half the range where n > 1). "
         "Metrics on valid pixels of the test samples: pointmap err = sum |s* P - G| / sum |G| over all views (s* the "
@@ -168,24 +210,27 @@ def write(rows: dict[str, list[dict]], floors_: dict[str, dict], args, meta: dic
         "Middlebury (mb, dust3r rows only: vggt is built for "
         f"{args.views} frames): the trained model on the real pair (`load_middlebury_pair({args.size})`: centre "
         "500x500 square resized, normalised with Render3D's statistics), view-1 depth median-aligned, on "
-        "valid-disparity pixels. Floors: a constant depth (median-aligned) and \"no relative rotation\". Train s: "
+        "valid-disparity pixels. Floors: a constant depth (median-aligned), \"no relative rotation\", the "
+        "single-view rotation floor (each camera's pitch and roll exact, no azimuth change: the best that cues of "
+        "one image can give, as Render3D's cameras orbit a z-up scene) and, for tracks, \"no motion\" (every "
+        "query stays put and is called visible). Train s: "
         f"wall time of the training loop ({args.threads} thread(s), machine shared with other jobs). Machine: "
         f"{machine}."
         + (f" Runs kept from an earlier run of this script, same settings (`--keep`): {', '.join(meta['kept'])}."
            if meta.get("kept") else ""),
         "",
-        "| row | n | pointmap err | depth AbsRel | depth δ<1.25 % | rot err ° | FoV err ° | mb AbsRel | mb δ<1.25 % "
-        "| train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *(_floor_row(f"floor ({task}: constant depth, identity rotation)", f) for task, f in floors_.items()),
+        "| row | n | pointmap err | depth AbsRel | depth δ<1.25 % | rot err ° | FoV err ° | track err px | track vis % "
+        "| mb AbsRel | mb δ<1.25 % | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(_floor_row(f"floor ({task}: {f['_what']})", f) for task, f in floors_.items()),
     ]  # fmt: skip
-    digits = {"pointmap_err": 3, "depth_absrel": 3, "mb_absrel": 3, "train_s": 0}
+    digits = {"pointmap_err": 3, "depth_absrel": 3, "mb_absrel": 3, "train_s": 0, "track_err_px": 2}
     for label, runs in rows.items():
         cells = [cell([r.get(k) for r in runs], digits.get(k, 1)) for k in COLUMNS]
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
-    path = args.out / "pointmaps.md"
+    path = args.out / f"{args.name}.md"
     path.write_text("\n".join(lines) + "\n" + _reading(path))
-    plot(rows, floors_, args.out / "pointmaps.png")
+    plot(rows, floors_, args.out / f"{args.name}.png")
 
 
 def _reading(path: Path) -> str:
@@ -212,7 +257,7 @@ def plot(rows: dict[str, list[dict]], floors_: dict[str, dict], path: Path) -> N
                 ax.plot([i] * len(values), values, "k.", ms=4)
         for j, (task, floor) in enumerate(floors_.items()):
             if key in floor:
-                what = "identity" if "rot" in key else "constant depth"
+                what = ("single-view" if "single" in task else "identity") if "rot" in key else "constant depth"
                 ax.axhline(floor[key], color="gray", ls="--" if j == 0 else ":", lw=1, label=f"{what} ({task})")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
@@ -248,21 +293,29 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--spread", type=float, default=60.0, help="Render3D's azimuth spread of the views (degrees)")
+    p.add_argument("--camera-weight", type=float, default=1.0, help="the vggt rows' camera-loss weight")
+    p.add_argument("--name", default="pointmaps", help="stem of the result files in --out")
     p.add_argument("--keep", action="store_true", help="keep the runs already in the CSV (same settings) and skip them")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    train, mean, std = load_pairs("train", args.n, args.size)
-    test, _, _ = load_pairs("test", args.test_n, args.size, (mean, std))
+    train, mean, std = load_pairs("train", args.n, args.size, spread=args.spread)
+    test, _, _ = load_pairs("test", args.test_n, args.size, (mean, std), spread=args.spread)
     pair = load_middlebury_pair(args.size)
     data = {"dust3r": (train, test)}
-    floors_ = {"dust3r": floors(test, pair)}
-    rows = read_csv(args.out / "pointmaps.csv") if args.keep else {}
+    floors_ = {
+        "dust3r": floors(test, pair) | {"_what": "constant depth, identity rotation"},
+        "dust3r single-view": single_view_floor(test) | {"_what": "pitch and roll known, no azimuth change"},
+    }
+    rows = read_csv(args.out / f"{args.name}.csv") if args.keep else {}
     if any(ROWS[r].get("task") == "vggt" for r in [*args.rows, *rows]):
-        train_v, _, _ = load_pairs("train", args.n, args.size, (mean, std), args.views)
-        test_v, _, _ = load_pairs("test", args.test_n, args.size, (mean, std), args.views)
+        train_v, _, _ = load_pairs("train", args.n, args.size, (mean, std), args.views, args.spread)
+        test_v, _, _ = load_pairs("test", args.test_n, args.size, (mean, std), args.views, args.spread)
         data["vggt"] = (train_v, test_v)
-        floors_["vggt"] = floors(test_v, None)
+        what = "constant depth, identity rotation, no motion"
+        floors_["vggt"] = floors(test_v, None) | track_floor(test_v, args.size) | {"_what": what}
+        floors_["vggt single-view"] = single_view_floor(test_v) | {"_what": "pitch and roll known, no azimuth change"}
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "params": {}}
     for task in data:
         model = build({"task": task, "dec_depth": args.dec_depth}, args)

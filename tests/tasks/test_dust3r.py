@@ -25,7 +25,8 @@ def _batch(model: Dust3R, seed: int = 0) -> dict:
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"pts_mode": "linear"}, {"cross_view": False}, {"backbone": "univitar_nano_patch4_28"}]
+    "kw",
+    [{}, {"head": "linear"}, {"pts_mode": "linear"}, {"cross_view": False}, {"backbone": "univitar_nano_patch4_28"}],
 )
 def test_shapes(kw):
     model = _model(**kw)
@@ -179,3 +180,35 @@ def test_render3d_pairs_follow_the_camera_convention():
     values = model.evaluate({"pointmap": batch["pointmap"]}, batch)
     assert values["rot_err_deg"].max() < 0.05
     assert values["pointmap_err"].max() < 1e-5
+
+
+def test_dpt_head_shapes_and_taps_every_decoder_block():
+    model = _model(head="dpt")
+    assert model.heads[0].taps == 3  # the embedded encoder tokens and both decoder blocks
+    batch = _batch(model)
+    out = model(batch["image"])
+    assert out["pointmap"].shape == (3, 2, 16, 16, 3)
+    assert (out["confidence"] > 1).all()
+    assert (out["pointmap"] < 0).any()  # a signed output: DPT's final ReLU is off for pointmaps
+    # the head reads the intermediate layers: shifting the first decoder block's output while the last block's
+    # output is held at its old value moves view 1's prediction under dpt, not under linear (last block only)
+    moved = {}
+    for name, m in (("dpt", model), ("linear", _model(head="linear"))):
+        first, last = m.decoders[0]
+        kept = {}
+        with torch.no_grad():
+            hook = last.register_forward_hook(lambda mod, inp, out, kept=kept: kept.setdefault("last", out))
+            base = m(batch["image"])["pointmap"][:, 0]
+            hook.remove()
+            hooks = [first.register_forward_hook(lambda mod, inp, out: out + 1.0),
+                     last.register_forward_hook(lambda mod, inp, out, kept=kept: kept["last"])]  # fmt: skip
+            shifted = m(batch["image"])["pointmap"][:, 0]
+            for h in hooks:
+                h.remove()
+        moved[name] = not torch.allclose(base, shifted, atol=1e-6)
+    assert moved == {"dpt": True, "linear": False}
+
+
+def test_bad_head_is_named():
+    with pytest.raises(ValueError, match="head must be one of"):
+        _model(head="conv")

@@ -89,3 +89,80 @@ def test_bad_input_is_named():
     K[1, 2, 1, 1] = 0
     with pytest.raises(ValueError, match="singular"):
         model.loss(out, {**batch, "K": K})
+
+
+def test_dpt_heads_read_every_frame_global_pair():
+    model = _model(head="dpt", depth=2)
+    assert model.depth_head.taps == model.point_head.taps == 2
+    batch = model.example_batch(2, torch.Generator().manual_seed(0))
+    out = model(batch["image"])
+    assert out["depth"].shape == (2, 3, 16, 16)
+    assert out["pointmap"].shape == (2, 3, 16, 16, 3)
+    assert (out["depth"] > 0).all()
+    assert (out["confidence"] > 1).all()
+    # the first pair's global block feeds the heads directly: shifting its output alone (the last block's output
+    # held fixed) moves the depth under dpt, not under the linear head (last layer only)
+    moved = {}
+    for name, m in (("dpt", model), ("linear", _model(depth=2, head="linear"))):
+        kept = {}
+        with torch.no_grad():
+            hook = m.blocks[-1].register_forward_hook(lambda mod, inp, out, kept=kept: kept.setdefault("last", out))
+            base = m(batch["image"])["depth"]
+            hook.remove()
+            hooks = [m.blocks[1].register_forward_hook(lambda mod, inp, out: out + 1.0),
+                     m.blocks[-1].register_forward_hook(lambda mod, inp, out, kept=kept: kept["last"])]  # fmt: skip
+            shifted = m(batch["image"])["depth"]
+            for h in hooks:
+                h.remove()
+        moved[name] = not torch.allclose(base, shifted, atol=1e-6)
+    assert moved == {"dpt": True, "linear": False}
+
+
+def test_camera_iterations_start_at_the_first_estimate_and_all_enter_the_loss():
+    one, three = _model(), _model(camera_iters=3)
+    batch = one.example_batch(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = one(batch["image"]), three(batch["image"])
+    assert b["pose_iters"].shape == (2, 3, 3, 9)
+    # zero-initialised deltas: every iteration returns the first estimate, which is the 1-iteration model's
+    for k in range(3):
+        assert torch.allclose(b["pose_iters"][:, k], a["pose"], atol=1e-6)
+    # once the delta is no longer zero, the iteration count changes the output
+    with torch.no_grad():
+        three.camera_head.delta[1].fc2.bias.fill_(0.1)
+        c = three(batch["image"])
+    assert torch.allclose(c["pose_iters"][:, 1] - c["pose_iters"][:, 0], torch.full((2, 3, 9), 0.1), atol=1e-5)
+    assert not torch.allclose(c["pose"], a["pose"], atol=1e-3)
+    # the loss sees every iteration, weighted 0.8 ** (3 - k): start from perfect estimates, spoil one at a time
+    *_, pose = three._gt(c, batch)
+    perfect = pose[:, None].expand(-1, 3, -1, -1)
+    assert three.loss({**c, "pose_iters": perfect}, batch)["camera"].item() == pytest.approx(0.0, abs=1e-7)
+    for k, w in enumerate((0.64, 0.8, 1.0)):
+        iters = perfect.clone()
+        iters[:, k] += 0.5  # Huber (delta 1) of 0.5 is 0.125 per entry
+        cam = three.loss({**c, "pose_iters": iters}, batch)["camera"].item()
+        assert cam == pytest.approx(0.125 * w / 2.44, rel=1e-4), k
+    with pytest.raises(ValueError, match="camera_iters"):
+        _model(camera_iters=0)
+
+
+def test_tracking_head_outputs_metrics_and_bad_queries():
+    model = _model(track_queries=16)
+    batch = model.example_batch(2, torch.Generator().manual_seed(0))
+    out = model(batch["image"])
+    assert out["tracks"].shape == (2, 3, 16, 2)
+    assert out["track_vis"].shape == (2, 3, 16)
+    losses = model.loss(out, batch)
+    assert losses["track"] > 0
+    assert losses["track_vis"] > 0
+    losses["loss"].backward()
+    assert model.track_head.log_temperature.grad is not None
+    assert all(p.grad is not None for p in model.track_features.parameters())
+    metrics = model.build_metrics()
+    model.update_metrics(metrics, out, batch)
+    summary = model.summarize_metrics(metrics)
+    assert {"track_err_px", "track_vis_acc"} <= set(summary)
+    assert 0 <= summary["track_vis_acc"] <= 100
+    assert model.postprocess(out)["track_visible"].dtype == torch.bool
+    with pytest.raises(ValueError, match="square number"):
+        _model(track_queries=10)

@@ -78,6 +78,7 @@ class DPTHead(nn.Module):
         reassemble_chans: the 1x1 projection width per tap (DPT-Base: 96, 192, 384, 768); default ``features``.
         features: the fusion width (DPT: 256; Depth Anything ViT-S: 64).
         out_chans: the prediction's channels (1 for depth).
+        final_relu: end with DPT's ReLU (non-negative depth); False gives a signed output (pointmaps, features).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class DPTHead(nn.Module):
         reassemble_chans: Sequence[int] | None = None,
         features: int = 64,
         out_chans: int = 1,
+        final_relu: bool = True,
     ) -> None:
         super().__init__()
         chans = list(reassemble_chans or [features] * len(factors))
@@ -103,7 +105,7 @@ class DPTHead(nn.Module):
                 "conv3": nn.Conv2d(32, out_chans, 1),
             }
         )
-        self.out_chans, self.features = out_chans, features
+        self.out_chans, self.features, self.final_relu = out_chans, features, final_relu
 
     def reassembled(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The taps ``(B, in_chans, h, w)`` -> the pyramid ``(B, features, h * factor, w * factor)``, tap order."""
@@ -120,8 +122,8 @@ class DPTHead(nn.Module):
             nxt = pyramid[order[step + 1]].shape[-2:] if step + 1 < len(order) else (2 * x.shape[-2], 2 * x.shape[-1])
             x = self.fusion[step](x, None if step == 0 else pyramid[i], tuple(nxt))
         h = F.interpolate(self.head["conv1"](x), size=image_size, mode="bilinear", align_corners=True)
-        out = F.relu(self.head["conv3"](F.relu(self.head["conv2"](h))))
-        return out, x
+        out = self.head["conv3"](F.relu(self.head["conv2"](h)))
+        return (F.relu(out) if self.final_relu else out), x
 
 
 def scale_shift_invariant_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

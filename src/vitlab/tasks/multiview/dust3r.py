@@ -9,7 +9,10 @@ Reconstructed from the review and DUSt3R (Wang et al., CVPR 2024; anchor ``naver
 - **Two decoders** (own weights each) of ``dec_depth`` blocks; block ``i`` of view ``v`` runs self-attention,
   cross-attention to the other view's tokens as they leave block ``i - 1``, and an MLP. ``cross_view=False``
   drops the cross-attention (the ablation: then view 2 cannot know where view 1's camera is).
-- **Linear head** per view: every token -> ``patch x patch x 4`` values (pixel shuffle), the pointmap of BOTH views in
+- **Head** per view (``head``): ``"dpt"`` (the default: better than linear at toy scale,
+  ``benchmarks/results/pointmaps.md``), DUSt3R's DPT head (``heads.DenseHead`` reusing ``layers.dpt.DPTHead``) on
+  the encoder's projected tokens and every decoder block's output; ``"linear"``, every token of the last decoder
+  block -> ``patch x patch x 4`` values (pixel shuffle). Either gives the pointmap of BOTH views in
   view 1's camera frame (``pts_mode="exp"``: DUSt3R's ``v / |v| * expm1(|v|)``; ``"linear"``: raw) and the
   confidence ``1 + exp(c)``.
 - **Loss** (``geometry.pointmap_loss``): normalise prediction and ground truth by their mean distance, per-pixel
@@ -18,7 +21,10 @@ Reconstructed from the review and DUSt3R (Wang et al., CVPR 2024; anchor ``naver
   (z of its pointmap) ``depth_absrel`` and ``depth_delta1`` (percent) after median scale alignment, and
   ``rot_err_deg``: view 2's relative rotation recovered by Procrustes (Umeyama with scale) from its ground-truth
   camera-frame points (``cam_to_world`` of the batch) to its predicted points in view 1's frame, against the true
-  relative rotation. Not in: DUSt3R's symmetric (2, 1) pass, the DPT head, global alignment of many views.
+  relative rotation.
+
+Deviations: DUSt3R's symmetric (2, 1) pass is not run; the DPT head's resampling factors are scaled down for patch-4
+tokens (``heads.dpt_factors``); global alignment of many views is not here (:mod:`.global_align`).
 
 A batch holds ``image`` (B, 2, C, H, W) normalised views, ``pointmap`` (B, 2, H, W, 3) in view 1's frame, ``valid``
 (B, 2, H, W), and for the rotation metric ``cam_to_world`` (B, 2, 4, 4) (``K`` (B, 2, 3, 3) is checked when given);
@@ -54,6 +60,7 @@ from ..base import TaskSpec
 from ..video.base import VideoTaskModel
 from ..video.frames import FrameEncoder
 from .geometry import depth_errors, pointmap_loss, rotation_angle_deg, scale_invariant_error, umeyama
+from .heads import DenseHead
 
 if TYPE_CHECKING:
     from torchmetrics import MetricCollection
@@ -116,6 +123,8 @@ class Dust3R(VideoTaskModel):
         alpha: weight of ``-log(confidence)``.
         pts_mode: "exp" (DUSt3R's ``v / |v| expm1(|v|)``) or "linear".
         num_frames: the number of views; DUSt3R takes pairs, so it must be 2.
+        head: "dpt" (default: the better of the two at toy scale, benchmarks/results/pointmaps.md) or "linear".
+        dpt_features: the DPT head's fusion width.
     """
 
     task_name = "dust3r"
@@ -141,6 +150,8 @@ class Dust3R(VideoTaskModel):
         confidence: bool = True,
         alpha: float = 0.2,
         pts_mode: str = "exp",
+        head: str = "dpt",
+        dpt_features: int = 32,
     ) -> None:
         if num_frames != 2:
             raise ValueError(f"dust3r takes pairs of views: num_frames must be 2, got {num_frames}")
@@ -161,7 +172,9 @@ class Dust3R(VideoTaskModel):
             for _ in range(2)
         )
         self.norms = nn.ModuleList(nn.LayerNorm(dec_dim) for _ in range(2))
-        self.heads = nn.ModuleList(nn.Linear(dec_dim, self.patch * self.patch * 4) for _ in range(2))
+        self.head = head
+        taps = 1 if head == "linear" else 1 + dec_depth  # dpt: the embedded encoder tokens and every block
+        self.heads = nn.ModuleList(DenseHead(head, dec_dim, 4, self.patch, taps, dpt_features) for _ in range(2))
 
     def _grid_side(self, backbone: str, img_size: int) -> int:
         with torch.no_grad():
@@ -182,17 +195,18 @@ class Dust3R(VideoTaskModel):
             raise ValueError(f"{err} [dust3r takes a pair of views (B, 2, {self.in_chans}, H, W)]") from None
 
     def forward_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        B = image.shape[0]
         side = self.img_size // self.patch
         tokens = self.embed(self.encoder.patch_tokens(self.encoder(image)))  # (B, 2, N, dec_dim)
         angles = rope_2d_angles(grid_positions((side, side), image.device), tokens.shape[-1] // self.dec_heads)
         x = [tokens[:, 0], tokens[:, 1]]
+        taps: list[list[torch.Tensor]] = [[x[0]], [x[1]]]
         for blk1, blk2 in zip(*self.decoders, strict=True):
             x = [blk1(x[0], x[1], angles), blk2(x[1], x[0], angles)]
+            taps[0].append(x[0]), taps[1].append(x[1])
         maps = []
         for v in range(2):
-            out = self.heads[v](self.norms[v](x[v])).view(B, side, side, self.patch, self.patch, 4)
-            maps.append(out.permute(0, 1, 3, 2, 4, 5).reshape(B, self.img_size, self.img_size, 4))
+            layers = [*taps[v][:-1], self.norms[v](x[v])][-self.heads[v].taps :]
+            maps.append(self.heads[v](layers))
         raw = torch.stack(maps, 1)  # (B, 2, H, W, 4)
         pts = raw[..., :3]
         if self.pts_mode == "exp":
@@ -319,7 +333,7 @@ register_task(
         builder=Dust3R,
         **POINTMAP_SPEC,
         description="DUSt3R-style two-view pointmaps: shared ViT encoder, cross-attending RoPE decoders, linear "
-        "heads -> both pointmaps in view 1's frame with confidences, confidence-weighted normalised loss",
+        "or DPT heads -> both pointmaps in view 1's frame with confidences, confidence-weighted normalised loss",
         test_kwargs={"img_size": 16, "dec_dim": 32, "dec_depth": 1},
         data_adapter=_pairs_adapter,
         backbones_reason="the decoders cross-attend between the two views' patch tokens on one shared grid (with "

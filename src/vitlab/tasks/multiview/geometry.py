@@ -12,11 +12,15 @@ All functions take pointmaps ``(B, V, H, W, 3)`` in one frame (view 1's camera f
 - :func:`depth_errors`: AbsRel and delta < 1.25 after aligning the scale by the median ratio.
 - :func:`umeyama`: the similarity (s, R, t) that best maps points ``src`` to ``dst`` (weighted Procrustes).
 - :func:`rotation_angle_deg`: the angle of ``R_a^T R_b`` in degrees.
+- :func:`track_ground_truth`: where query pixels of frame 1 land in every frame and whether they are seen there
+  (VGGT's track targets from depth and cameras).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ...layers.camera import check_intrinsics, check_pose, invert_pose, project, transform_points, unproject
 
 __all__ = [
     "depth_errors",
@@ -24,6 +28,7 @@ __all__ = [
     "pointmap_loss",
     "rotation_angle_deg",
     "scale_invariant_error",
+    "track_ground_truth",
     "umeyama",
 ]
 
@@ -116,3 +121,54 @@ def rotation_angle_deg(Ra: torch.Tensor, Rb: torch.Tensor) -> torch.Tensor:
     skew = rel - rel.transpose(-1, -2)  # 2 sin(angle) [axis]_x: atan2 stays accurate near 0 where arccos does not
     sin = torch.stack([skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]], -1).norm(dim=-1) / 2
     return torch.rad2deg(torch.atan2(sin, cos))
+
+
+def track_ground_truth(
+    queries: torch.Tensor,
+    depth: torch.Tensor,
+    valid: torch.Tensor,
+    K: torch.Tensor,
+    cam_to_world: torch.Tensor,
+    tol: float = 0.05,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ground-truth tracks of query pixels of frame 1 through ``V`` pinhole frames.
+
+    ``queries`` ``(Q, 2)`` or ``(B, Q, 2)`` pixel coordinates (u, v) in frame 1; ``depth`` z-depth and ``valid``
+    ``(B, V, H, W)``; ``K`` ``(B, V, 3, 3)``; ``cam_to_world`` ``(B, V, 4, 4)``. Each query is unprojected with frame
+    1's depth at its pixel, moved into every frame's camera and projected (:mod:`vitlab.layers.camera`). Returns the
+    tracks ``(B, V, Q, 2)``, ``visible`` ``(B, V, Q)``: the query has a valid depth, lands in front of the camera and
+    inside the image, on a valid pixel whose depth (nearest pixel) is within ``tol`` (relative) of the point's own
+    z (otherwise something occludes it), and ``query_valid`` ``(B, Q)`` (frame 1 has a depth there).
+    """
+    B, V, H, W = depth.shape
+    if (
+        tuple(valid.shape) != (B, V, H, W)
+        or tuple(K.shape) != (B, V, 3, 3)
+        or tuple(cam_to_world.shape) != (B, V, 4, 4)
+    ):
+        raise ValueError(
+            f"track_ground_truth needs valid {(B, V, H, W)}, K {(B, V, 3, 3)}, cam_to_world {(B, V, 4, 4)} for depth "
+            f"{(B, V, H, W)}; got {tuple(valid.shape)}, {tuple(K.shape)}, {tuple(cam_to_world.shape)}"
+        )
+    check_intrinsics(K, "K")
+    check_pose(cam_to_world, "cam_to_world")
+    if queries.ndim not in (2, 3) or queries.shape[-1] != 2:
+        raise ValueError(f"queries must be (Q, 2) or (B, Q, 2) pixel coordinates, got {tuple(queries.shape)}")
+    q = queries.to(depth.dtype).expand(B, -1, -1)
+    col, row = q[..., 0].floor().long(), q[..., 1].floor().long()
+    if bool(((col < 0) | (col >= W) | (row < 0) | (row >= H)).any()):
+        raise ValueError(f"queries must lie inside the {W} x {H} frame (pixel coordinates u, v), got {queries}")
+    b = torch.arange(B, device=depth.device)[:, None]
+    d1, ok1 = depth[b, 0, row, col], valid[b, 0, row, col]  # (B, Q)
+    points, _ = unproject(q, K[:, :1], None, None, torch.where(ok1, d1, torch.ones_like(d1)))  # frame 1's camera
+    to_frame = invert_pose(cam_to_world) @ cam_to_world[:, :1]  # camera 1 -> camera v (B, V, 4, 4)
+    local = transform_points(to_frame[:, :, None], points[:, None])  # (B, V, Q, 3)
+    uv, front = project(local, K[:, :, None])
+    z = local[..., 2]
+    inside = front & (z > 1e-6) & (uv[..., 0] >= 0) & (uv[..., 0] < W) & (uv[..., 1] >= 0) & (uv[..., 1] < H)
+    c = uv[..., 0].floor().long().clamp(0, W - 1)
+    r = uv[..., 1].floor().long().clamp(0, H - 1)
+    bv = (torch.arange(B, device=depth.device)[:, None, None], torch.arange(V, device=depth.device)[None, :, None])
+    dv, okv = depth[bv[0], bv[1], r, c], valid[bv[0], bv[1], r, c]
+    visible = inside & okv & ok1[:, None] & ((z - dv).abs() <= tol * dv)
+    return uv, visible, ok1
