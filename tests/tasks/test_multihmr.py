@@ -14,6 +14,7 @@ from vitlab.tasks.pose3d.multihmr import (
     match_detections,
     nearness_to_depth,
     peak_nms,
+    reprojection_loss,
 )
 
 
@@ -35,6 +36,12 @@ def test_shapes_teacher_forced_and_detected(head):
     assert torch.equal(out["gt_joints_rel"][:, :, 0], torch.zeros(3, 3, 3))  # root-relative
     preds = model.postprocess(out)
     assert preds["joints_cam"].shape == batch["joints_cam"].shape
+    assert preds["joints_2d"].shape == batch["joints_2d"].shape
+    # the predicted 2-D joints are the projection of the predicted camera-frame joints (those in front of the camera)
+    uv = preds["joints_cam"] @ batch["K"][:, None].transpose(-1, -2)
+    front = preds["joints_cam"][..., 2] > 0.1
+    assert front.any()
+    torch.testing.assert_close(preds["joints_2d"][front], (uv[..., :2] / uv[..., 2:])[front], rtol=1e-4, atol=1e-3)
 
 
 def test_log_nearness_round_trip_and_focal_normalisation():
@@ -82,10 +89,82 @@ def test_loss_terms_on_a_tiny_case():
     n_gt = torch.log(f[:, None] / (16.0 * batch["joints_cam"][:, :, 0, 2].clamp_min(1e-6)))
     l_depth = ((out["gt_nearness"] - n_gt).abs() * m).sum() / m.sum()
     assert losses["nearness"] == pytest.approx(float(l_depth), rel=1e-5)
-    parts = losses["focal"] + losses["offset"] + 5 * losses["joints"] + losses["nearness"]
+    parts = losses["focal"] + losses["offset"] + 5 * losses["joints"] + losses["nearness"] + 5 * losses["reproj"]
     assert losses["loss"] == pytest.approx(float(parts), rel=1e-5)
+    # the reprojection term places each person from the predicted offset at its true cell and the predicted depth
+    cell = (batch["centre_2d"] / 4).floor()
+    idx = (cell[..., 1] * 4 + cell[..., 0]).long()
+    off = out["offset"].flatten(1, 2).gather(1, idx[..., None].expand(-1, -1, 2))
+    vis = batch["joints_vis"] & batch["person_mask"][..., None]
+    want = reprojection_loss(out["gt_joints_rel"], out["gt_depth"], (cell + off) * 4, batch["K"], batch["joints_2d"],
+                             vis, 16.0)  # fmt: skip
+    assert losses["reproj"] == pytest.approx(float(want), rel=1e-5)
     with pytest.raises(ValueError, match="batch\\['joints_cam'\\]"):
         model.loss(out, {**batch, "joints_cam": batch["joints_cam"][..., :2]})
+    with pytest.raises(ValueError, match="batch\\['joints_2d'\\]"):
+        model.loss(out, {k: v for k, v in batch.items() if k != "joints_2d"})
+    no_2d = _model(w_reproj=0.0).train()
+    with torch.no_grad():
+        losses = no_2d.loss(no_2d(batch["image"], **no_2d.forward_kwargs(batch)), {**batch, "joints_2d": None})
+    assert "reproj" not in losses
+
+
+def _tiny_reprojection_case():
+    """One person, root 2 m straight ahead (centre at the principal point), three joints; f = 10, img 16."""
+    K = torch.tensor([[[10.0, 0.0, 8.0], [0.0, 10.0, 8.0], [0.0, 0.0, 1.0]]])
+    rel = torch.tensor([[[[0.0, 0.0, 0.0], [0.2, 0.0, 0.0], [0.0, 0.4, 2.0]]]])  # -> (8, 8), (9, 8), (8, 9) px
+    depth, centre = torch.tensor([[2.0]]), torch.tensor([[[8.0, 8.0]]])
+    target = torch.tensor([[[[8.0, 9.0], [float("nan"), 3.0], [7.0, 9.0]]]])  # joint 1 invisible, its target NaN
+    vis = torch.tensor([[[True, False, True]]])
+    return rel, depth, centre, K, target, vis
+
+
+def test_reprojection_loss_by_hand_and_invisible_joints_do_not_count():
+    from vitlab.tasks.pose3d.multihmr_parts import project_people
+
+    rel, depth, centre, K, target, vis = _tiny_reprojection_case()
+    uv = project_people(rel, depth, centre, K)
+    torch.testing.assert_close(uv[0, 0], torch.tensor([[8.0, 8.0], [9.0, 8.0], [8.0, 9.0]]))
+    # visible errors |du| + |dv|: joint 0: 0 + 1, joint 2: 1 + 0; mean over (u, v) and the 2 joints, / 16 px
+    loss = reprojection_loss(rel, depth, centre, K, target, vis, 16.0)
+    assert float(loss) == pytest.approx((0.5 + 0.5) / 2 / 16)
+    moved = target.clone()
+    moved[0, 0, 1] = torch.tensor([100.0, -50.0])  # an invisible joint's target moves: nothing changes
+    assert float(reprojection_loss(rel, depth, centre, K, moved, vis, 16.0)) == float(loss)
+    assert float(reprojection_loss(rel, depth, centre, K, target, torch.zeros_like(vis), 16.0)) == 0.0
+
+
+def test_reprojection_loss_gradient_reaches_depth_and_visible_joints():
+    rel, depth, centre, K, target, vis = _tiny_reprojection_case()
+    rel, depth = rel.clone().requires_grad_(), depth.clone().requires_grad_()
+    target[0, 0, 2] = torch.tensor([9.0, 10.0])  # joint 2 off in u and v: its error depends on depth too
+    reprojection_loss(rel, depth, centre, K, target, vis, 16.0).backward()
+    assert depth.grad.abs() > 0
+    assert rel.grad[0, 0, 0].abs().sum() > 0
+    assert rel.grad[0, 0, 2].abs().sum() > 0
+    assert torch.equal(rel.grad[0, 0, 1], torch.zeros(3))  # the invisible joint gets no gradient
+    # and through the model: the teacher-forced nearness and joints get gradient from the reprojection term alone
+    model = _model().train()
+    batch = model.example_batch(2, torch.Generator().manual_seed(4))
+    out = model(batch["image"], **model.forward_kwargs(batch))
+    out["gt_nearness"].retain_grad()
+    out["gt_joints_rel"].retain_grad()
+    model.loss(out, batch)["reproj"].backward()
+    m = batch["person_mask"]
+    assert (out["gt_nearness"].grad[m] != 0).all()
+    assert out["gt_joints_rel"].grad[m].abs().sum() > 0
+    assert torch.equal(out["gt_nearness"].grad[~m], torch.zeros_like(out["gt_nearness"].grad[~m]))
+
+
+def test_reprojection_loss_is_zero_for_the_truth():
+    model = _model()
+    batch = model.example_batch(3, torch.Generator().manual_seed(5))
+    joints, mask = batch["joints_cam"], batch["person_mask"]
+    depth = torch.where(mask, joints[:, :, 0, 2], torch.ones_like(joints[:, :, 0, 2]))
+    loss = reprojection_loss(joints - joints[:, :, :1], depth, batch["centre_2d"], batch["K"], batch["joints_2d"],
+                             batch["joints_vis"], 16.0)  # fmt: skip
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    assert batch["joints_vis"].sum() > 0
 
 
 @pytest.mark.parametrize("ray_embed", [True, False])
@@ -164,6 +243,12 @@ def test_batch_from_humans_agrees_with_the_set_and_draws(tmp_path):
     # the camera-frame joints project onto the set's own 2-D joints (what predict draws in green)
     uv = project_skeletons(batch["joints_cam"][mask], batch["K"][:, None].expand(-1, mask.shape[1], -1, -1)[mask])
     torch.testing.assert_close(uv, raw["joints_2d"][:, 1][mask], atol=1e-3, rtol=0)
+    vis = batch["joints_vis"]  # visible joints: inside the image, of a person present; their 2-D joints kept
+    assert vis.any()
+    assert not (vis & ~mask[..., None]).any()
+    assert not (vis & ~raw["in_image"][:, 1]).any()
+    torch.testing.assert_close(batch["joints_2d"][vis], raw["joints_2d"][:, 1][vis])
+    assert torch.isfinite(batch["joints_2d"]).all()
     norm = batch_from_humans(raw, data.mean, data.std, view=1)["image"]
     assert norm.dtype == torch.float32
     assert norm.mean().abs() < 1.5

@@ -22,14 +22,29 @@ the head regresses root-relative 3-D joints directly instead of SMPL-X rotations
   (:func:`depth_to_nearness`, :func:`nearness_to_depth`; clipped at 50 m), so the head predicts the
   camera-independent apparent size and ``K`` turns it into metres. The root is ``z K^-1 [u, v, 1]`` at the
   detected centre.
+- **2-D reprojection loss** (``w_reproj``, §3.3; :func:`reprojection_loss`): each ground-truth person's query
+  is placed at its true cell + the predicted offset and the predicted depth, its root-relative joints added, the
+  result projected with the image's ``K`` and compared (L1, divided by the image size) with the true 2-D joints
+  that are visible (in the image and not occluded; ``joints_2d``, ``joints_vis``). Its gradient reaches the
+  joints, the nearness and the offset. Default weight 5, as ``w_joints``: an error of 1/20 of the image (2-3 px
+  at 48 px) then weighs as much as 5 cm of 3-D joint error. The paper switches it on after a start epoch; here it
+  is on from the first step (the 3-D losses start it from the same teacher-forced queries).
 - **Training** uses the ground-truth centres as queries (teacher forcing); evaluation the detections.
 - **Metrics**: detection F1 (a detection matches the nearest unmatched person within ``match_px`` pixels),
   root-relative MPJPE (mm), PA-MPJPE (after a similarity Procrustes fit: articulation without global orientation
   and scale), root depth error |z| (mm) and MRPE (mm, root position) on matched people.
 
+Deviations and what is missing: no SMPL-X (licence-gated), so no mesh, vertices, shape or expression and no
+rotation (6-D) parametrisation: the head regresses the 15 root-relative joints directly, and the 3-D and 2-D losses
+are on joints only (the paper's are also on vertices); the query is not concatenated with a mean-body
+initialisation; the row/column embeddings are added to all tokens (the paper: at detected locations only); no
+DINOv2 initialisation (the backbone trains from scratch on synthetic scenes); no 2-D loss start epoch; one scale
+(no multi-resolution training); no whole-body (hands, face) outputs.
+
 Batch (:func:`batch_from_humans` makes one from a collated ``stick_humans`` batch): ``image`` (B, 3, H, W),
 ``K`` (B, 3, 3), ``centre_2d`` (B, P, 2) pixels, ``person_mask`` (B, P) bool (present and centre in the image),
-``joints_cam`` (B, P, 15, 3) camera frame (OpenCV), metres.
+``joints_cam`` (B, P, 15, 3) camera frame (OpenCV), metres; for the 2-D loss ``joints_2d`` (B, P, 15, 2) pixels
+and ``joints_vis`` (B, P, 15) bool (visible joints of people present; not needed when ``w_reproj=0``).
 """
 
 from __future__ import annotations
@@ -59,6 +74,8 @@ from .multihmr_parts import (
     nearness_to_depth,
     peak_nms,
     person_errors,
+    project_people,
+    reprojection_loss,
 )
 
 SUM_KEYS = ("tp", "fp", "fn", "n_matched", "mpjpe_sum", "pa_mpjpe_sum", "depth_sum", "mrpe_sum")
@@ -76,6 +93,7 @@ __all__ = [
     "match_detections",
     "nearness_to_depth",
     "peak_nms",
+    "reprojection_loss",
 ]
 
 PAPER = Paper(35, "Multi-HMR: Multi-Person Whole-Body Human Mesh Recovery in a Single Shot", "2402.14654", "")
@@ -95,12 +113,13 @@ class MultiHMR(TaskModel):
         max_people: queries at inference (the best peaks after NMS).
         threshold, sigma, match_px: detection threshold, target Gaussian width (tokens), matching radius (pixels,
             default img_size / 8).
-        w_offset, w_joints, w_depth: loss weights.
+        w_offset, w_joints, w_depth, w_reproj: loss weights (``w_reproj``: the 2-D reprojection loss; 0 turns it off
+            and the batch then needs no 2-D joints).
     """
 
     task_name = "multihmr"
     batch_keys = ("image", "K", "centre_2d", "person_mask")
-    target_keys = ("joints_cam",)
+    target_keys = ("joints_cam", "joints_2d", "joints_vis")
     primary_metric = "mpjpe"
     higher_is_better = False
 
@@ -126,6 +145,7 @@ class MultiHMR(TaskModel):
         w_offset: float = 1.0,
         w_joints: float = 5.0,
         w_depth: float = 1.0,
+        w_reproj: float = 5.0,
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -141,7 +161,7 @@ class MultiHMR(TaskModel):
         self.head, self.ray_embed, self.max_people = head, ray_embed, max_people
         self.threshold, self.sigma = threshold, sigma
         self.match_px = float(match_px) if match_px is not None else img_size / 8
-        self.weights = (w_offset, w_joints, w_depth)
+        self.weights = (w_offset, w_joints, w_depth, w_reproj)
         D = self.trunk.embed_dim
         self.rays = FourierRayEmbed(D, ray_bands, ray_max_resolution) if ray_embed else None
         self.proj = nn.Sequential(nn.Linear(self.rays.out_dim if ray_embed else D, head_dim), nn.LayerNorm(head_dim))
@@ -205,6 +225,7 @@ class MultiHMR(TaskModel):
         cell = torch.stack([idx % self.side, idx // self.side], -1).to(x.dtype)
         centre = (cell + off) * self.patch
         out |= {f"det_{k}": v for k, v in self._people(feats, idx, valid, centre, K).items()}
+        out["det_joints_2d"] = project_people(out["det_joints_rel"], out["det_depth"], centre, K)
         out |= {"det_score": top, "det_valid": valid}
         if centre_2d is not None and person_mask is not None:
             bad = centre_2d.ndim != 3 or centre_2d.shape[0] != B or centre_2d.shape[-1] != 2
@@ -246,10 +267,14 @@ class MultiHMR(TaskModel):
         return {"joints_rel": joints, "nearness": nearness, "depth": depth, "root": root, "centre": centre}
 
     # ---- loss and metrics ----------------------------------------------------------------------------------------
-    def _targets(self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+    def _targets(
+        self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any], two_d: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         B = output["score_logits"].shape[0]
         specs = (("K", (3, 3), torch.float32), ("centre_2d", (2,), torch.float32), ("person_mask", (), torch.bool),
                  ("joints_cam", (NUM_JOINTS, 3), torch.float32))  # fmt: skip
+        if two_d:
+            specs += (("joints_2d", (NUM_JOINTS, 2), torch.float32), ("joints_vis", (NUM_JOINTS,), torch.bool))
         for key, tail, dtype in specs:
             v = batch.get(key)
             ok = torch.is_tensor(v) and v.dtype == dtype and v.shape[0] == B
@@ -260,7 +285,8 @@ class MultiHMR(TaskModel):
         return batch["K"], batch["centre_2d"], batch["person_mask"], batch["joints_cam"]
 
     def loss(self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        K, centres, mask, joints = self._targets(output, batch)
+        w_off, w_joints, w_depth, w_reproj = self.weights
+        K, centres, mask, joints = self._targets(output, batch, two_d=w_reproj > 0)
         if "gt_joints_rel" not in output:
             raise ValueError("multihmr's loss needs the teacher-forced outputs: call the model with centre_2d and "
                              "person_mask (model(image, **model.forward_kwargs(batch)))")  # fmt: skip
@@ -277,9 +303,17 @@ class MultiHMR(TaskModel):
         l_joints = ((output["gt_joints_rel"] - rel).abs().mean((-1, -2)) * m).sum() / npeople
         n_gt = depth_to_nearness(joints[:, :, 0, 2], K[:, None, 0, 0], float(self.img_size))
         l_depth = ((output["gt_nearness"] - n_gt).abs() * m).sum() / npeople
-        w_off, w_joints, w_depth = self.weights
         total = focal + w_off * l_off + w_joints * l_joints + w_depth * l_depth
-        return {"loss": total, "focal": focal, "offset": l_off, "joints": l_joints, "nearness": l_depth}
+        losses = {"focal": focal, "offset": l_off, "joints": l_joints, "nearness": l_depth}
+        if w_reproj > 0:
+            # §3.3's 2-D loss: the person placed from the predicted offset at its true cell, the predicted depth and
+            # its joints, projected with K, against the visible 2-D joints of the people present
+            centre = (gcell + off) * self.patch
+            vis = batch["joints_vis"] & mask[..., None]
+            losses["reproj"] = reprojection_loss(output["gt_joints_rel"], output["gt_depth"], centre, K,
+                                                 batch["joints_2d"], vis, float(self.img_size))  # fmt: skip
+            total = total + w_reproj * losses["reproj"]
+        return {"loss": total, **losses}
 
     def build_metrics(self) -> MetricCollection:
         from torchmetrics import MetricCollection, SumMetric
@@ -320,9 +354,13 @@ class MultiHMR(TaskModel):
                 "mrpe": per["mrpe"], "matched": n}  # fmt: skip
 
     def postprocess(self, output: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Detected people: ``joints_cam`` (B, Q, 15, 3) camera frame, ``centre_2d`` (B, Q, 2), ``valid``, ``score``."""
+        """Detected people: ``joints_cam`` (B, Q, 15, 3) camera frame, their projection ``joints_2d`` (B, Q, 15, 2)
+        pixels, ``joints_vis`` (B, Q, 15) (the detection's validity per joint), ``centre_2d`` (B, Q, 2), ``valid``,
+        ``score``."""
         joints = output["det_joints_rel"] + output["det_root"][:, :, None]
-        return {"joints_cam": joints, "centre_2d": output["det_centre"], "valid": output["det_valid"],
+        vis = output["det_valid"][..., None].expand(-1, -1, NUM_JOINTS)
+        return {"joints_cam": joints, "joints_2d": output["det_joints_2d"], "joints_vis": vis,
+                "centre_2d": output["det_centre"], "valid": output["det_valid"],
                 "score": output["det_score"]}  # fmt: skip
 
     def draw_prediction(self, raw: Mapping[str, torch.Tensor], pred: Mapping[str, torch.Tensor], batch: Any) -> Any:
@@ -352,8 +390,11 @@ class MultiHMR(TaskModel):
         root = (uv1 @ torch.linalg.inv(K).transpose(-1, -2)) * z[..., None]
         rel = 0.3 * torch.randn(B, P, NUM_JOINTS, 3, generator=g)
         joints = (root[:, :, None] + rel - rel[:, :, :1]) * mask[..., None, None]
+        uv = joints @ K[:, None].transpose(-1, -2)
+        uv = uv[..., :2] / uv[..., 2:].clamp_min(1e-6)
+        vis = mask[..., None] & (torch.rand(B, P, NUM_JOINTS, generator=g) < 0.8)
         return {"image": image, "K": K, "centre_2d": centre * mask[..., None], "person_mask": mask,
-                "joints_cam": joints}  # fmt: skip
+                "joints_cam": joints, "joints_2d": uv * vis[..., None], "joints_vis": vis}  # fmt: skip
 
 
 def batch_from_humans(
@@ -364,13 +405,16 @@ def batch_from_humans(
 ) -> dict[str, torch.Tensor]:
     """A collated ``stick_humans`` batch -> a multihmr batch of view ``view``: the image normalised by ``mean``/``std``
     (left uint8 when not given: the engine's loader normalises it), ``K``, the projected pelvis, a mask of people
-    present whose pelvis lies in the image, joints in that camera's frame."""
+    present whose pelvis lies in the image, joints in that camera's frame, their 2-D joints (pixels) and which are
+    visible (in the image, not occluded) for the reprojection loss."""
     image = normalise_views(batch["views"][:, view : view + 1], mean, std)[:, 0]
     w2c = invert_pose(batch["cam_to_world"][:, view])
     joints = transform_points(w2c[:, None, None], batch["joints_3d"])
     mask = batch["person_mask"] & batch["in_image"][:, view, :, 0]
+    vis = batch["visible"][:, view] & mask[..., None]
     return {"image": image, "K": batch["K"][:, view], "centre_2d": batch["centre_2d"][:, view],
-            "person_mask": mask, "joints_cam": joints * mask[..., None, None]}  # fmt: skip
+            "person_mask": mask, "joints_cam": joints * mask[..., None, None],
+            "joints_2d": torch.nan_to_num(batch["joints_2d"][:, view]) * vis[..., None], "joints_vis": vis}  # fmt: skip
 
 
 def _humans_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any]:

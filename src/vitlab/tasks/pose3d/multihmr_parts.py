@@ -1,5 +1,5 @@
 """Multi-HMR's parts (paper 35, :mod:`.multihmr`): focal-normalised log-nearness, the CenterNet centre target and
-focal loss, 3x3 max-pool NMS, greedy 2-D matching and the Human Prediction Head's block."""
+focal loss, 3x3 max-pool NMS, greedy 2-D matching, the 2-D reprojection loss and the Human Prediction Head's block."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ __all__ = [
     "nearness_to_depth",
     "peak_nms",
     "person_errors",
+    "project_people",
+    "reprojection_loss",
 ]
 
 MAX_DEPTH = 50.0
+MIN_JOINT_Z = 0.1  # metres: a predicted joint at or behind the camera projects as if 10 cm in front of it
 
 
 def depth_to_nearness(z: torch.Tensor, focal: torch.Tensor, f_ref: float) -> torch.Tensor:
@@ -31,6 +34,40 @@ def depth_to_nearness(z: torch.Tensor, focal: torch.Tensor, f_ref: float) -> tor
 def nearness_to_depth(n: torch.Tensor, focal: torch.Tensor, f_ref: float) -> torch.Tensor:
     """The inverse of :func:`depth_to_nearness`: ``z = f / f_ref exp(-n)``, clipped at 50 m."""
     return (focal / f_ref * torch.exp(-n)).clamp(max=MAX_DEPTH)
+
+
+def project_people(
+    joints_rel: torch.Tensor, depth: torch.Tensor, centre: torch.Tensor, K: torch.Tensor
+) -> torch.Tensor:
+    """Pixels of people's camera-frame joints: the root ``depth * K^-1 [centre, 1]`` plus the root-relative joints,
+    projected with ``K``. ``joints_rel`` (B, Q, J, 3) m, ``depth`` (B, Q) m, ``centre`` (B, Q, 2) px, ``K`` (B, 3, 3)
+    -> (B, Q, J, 2). Joint depths are clamped at :data:`MIN_JOINT_Z` so a bad guess gives a large, finite error."""
+    uv1 = torch.cat([centre, torch.ones_like(centre[..., :1])], -1)
+    root = (uv1 @ torch.linalg.inv(K).transpose(-1, -2)) * depth[..., None]  # (B, Q, 3)
+    pts = root[:, :, None] + joints_rel
+    pts = torch.cat([pts[..., :2], pts[..., 2:].clamp_min(MIN_JOINT_Z)], -1)
+    pix = pts @ K[:, None].transpose(-1, -2)  # (B, Q, J, 3)
+    return pix[..., :2] / pix[..., 2:]
+
+
+def reprojection_loss(
+    joints_rel: torch.Tensor,
+    depth: torch.Tensor,
+    centre: torch.Tensor,
+    K: torch.Tensor,
+    joints_2d: torch.Tensor,
+    visible: torch.Tensor,
+    img_size: float,
+) -> torch.Tensor:
+    """Multi-HMR's 2-D loss (§3.3: the projected body against the 2-D annotation): L1 between the projection of
+    the predicted people (:func:`project_people`) and the true 2-D joints ``joints_2d`` (B, Q, J, 2) px, averaged
+    over u, v and over the ``visible`` (B, Q, J) joints of the batch, divided by ``img_size`` (an error in image
+    widths). Invisible joints (and their possibly non-finite targets) do not count; no visible joint gives 0."""
+    uv = project_people(joints_rel, depth, centre, K)
+    vis = visible.bool()
+    target = torch.where(vis[..., None], joints_2d, uv.detach())  # NaN-safe: masked joints copy the prediction
+    err = (uv - target).abs().mean(-1)
+    return (err * vis).sum() / (vis.sum().clamp_min(1) * img_size)
 
 
 def centre_target(centres: torch.Tensor, mask: torch.Tensor, side: int, stride: float, sigma: float) -> torch.Tensor:
