@@ -114,3 +114,82 @@ def test_bad_cameras_raise():
         ProjectiveAttention(8, 2, 2, "max")
     with pytest.raises(ValueError, match="num_views"):
         ProjectiveAttention(8, 2, 2, "concat")
+
+
+def _point_at_pixel(K, c2w, r: float, c: float, stride: float) -> torch.Tensor:
+    """A world point 3 m in front of camera 0 of scene 0 that projects onto the centre of map pixel (r, c)."""
+    uv = torch.tensor([(c + 0.5) * stride, (r + 0.5) * stride])
+    ray = torch.linalg.solve(K[0, 0], torch.cat([uv, torch.ones(1)]))
+    return c2w[0, 0, :3, :3] @ (ray * 3.0) + c2w[0, 0, :3, 3]
+
+
+def test_one_level_equals_the_single_map_attention_and_extra_levels_can_be_switched_off():
+    torch.manual_seed(0)
+    K, c2w = _rig(2, 3)
+    q, pts = torch.randn(2, 6, 16), torch.randn(2, 6, 3) * 0.4 + torch.tensor([0.0, 0.0, 0.9])
+    maps = [torch.randn(2, 3, 16, 8, 8), torch.randn(2, 3, 16, 16, 16)]
+    one = ProjectiveAttention(16, 4, 3, "concat", num_views=3)
+    with torch.no_grad():  # non-trivial offsets and weights, so every sample point and weight matters
+        one.sampling_offsets.weight.normal_(0, 0.1)
+        one.attention_weights.weight.normal_(0, 0.1)
+    ref = one(q, pts, maps[0], K, c2w, (S, S))
+    torch.testing.assert_close(one(q, pts, maps[:1], K, c2w, (S, S)), ref)  # a list of one map: the same
+    two = ProjectiveAttention(16, 4, 3, "concat", num_views=3, levels=2)
+    with torch.no_grad():  # level 0 carries `one`'s parameters, level 1 gets a weight of exp(-1e4) ~ 0
+        for name in ("value_proj", "output_proj"):
+            getattr(two, name).load_state_dict(getattr(one, name).state_dict())
+        w = two.sampling_offsets.weight.view(4, 2, 3, 2, 16)
+        b = two.sampling_offsets.bias.view(4, 2, 3, 2)
+        w[:, 0], b[:, 0] = one.sampling_offsets.weight.view(4, 3, 2, 16), one.sampling_offsets.bias.view(4, 3, 2)
+        w = two.attention_weights.weight.view(4, 2, 3, 16)
+        b = two.attention_weights.bias.view(4, 2, 3)
+        w[:, 0], b[:, 0] = one.attention_weights.weight.view(4, 3, 16), one.attention_weights.bias.view(4, 3)
+        w[:, 1], b[:, 1] = 0.0, -1e4
+    torch.testing.assert_close(two(q, pts, maps, K, c2w, (S, S)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_at_a_projected_pixel_centre_reads_its_feature_at_each_level():
+    K, c2w = _rig(1, 1)
+    sizes = [8, 16, 4]
+    maps = [torch.randn(1, 1, 4, s, s) for s in sizes]
+    attn = ProjectiveAttention(4, num_heads=2, num_points=1, fusion="mean", levels=3)
+    with torch.no_grad():
+        attn.sampling_offsets.bias.zero_()
+        for proj in (attn.value_proj, attn.output_proj):
+            proj.weight.copy_(torch.eye(4))
+            proj.bias.zero_()
+    for level, (size, (r, c)) in enumerate(zip(sizes, [(3, 5), (10, 4), (1, 2)], strict=True)):
+        point = _point_at_pixel(K, c2w, r, c, S / size).view(1, 1, 3)
+        with torch.no_grad():  # all the weight on this level
+            attn.attention_weights.bias.view(2, 3, 1).fill_(-1e4)[:, level] = 0.0
+        out = attn(torch.zeros(1, 1, 4), point, maps, K, c2w, (S, S))
+        torch.testing.assert_close(out[0, 0], maps[level][0, 0, :, r, c], atol=1e-5, rtol=0)
+    with torch.no_grad():  # equal weights: the mean of the three levels' bilinear reads
+        attn.attention_weights.bias.zero_()
+    point = _point_at_pixel(K, c2w, 3, 5, S / 8).view(1, 1, 3)  # centre of (3, 5) at 8 px: a corner at 16 px
+    out = attn(torch.zeros(1, 1, 4), point, maps, K, c2w, (S, S))
+    fine = maps[1][0, 0, :, 6:8, 10:12].mean((-1, -2))
+    # at 4 x 4 the pixel (u, v) = (22, 14) is (x, y) = (2.75, 1.75) cells: 3/4 of rows 1 and cols 2, 1/4 of the next
+    bilinear = torch.tensor([[0.75 * 0.75, 0.75 * 0.25], [0.25 * 0.75, 0.25 * 0.25]])
+    coarse = (maps[2][0, 0, :, 1:3, 2:4] * bilinear).sum((-1, -2))
+    torch.testing.assert_close(out[0, 0], (maps[0][0, 0, :, 3, 5] + fine + coarse) / 3, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_multi_level_shapes_gradients_and_errors(levels):
+    torch.manual_seed(0)
+    K, c2w = _rig(2, 3)
+    attn = ProjectiveAttention(16, 4, 2, "concat", num_views=3, levels=levels)
+    assert attn.sampling_offsets.out_features == 4 * levels * 2 * 2
+    maps = [torch.randn(2, 3, 16, s, s, requires_grad=True) for s in (8, 16, 4)[:levels]]
+    q, pts = torch.randn(2, 5, 16), torch.randn(2, 5, 3) * 0.4 + torch.tensor([0.0, 0.0, 0.9])
+    out = attn(q, pts, maps, K, c2w, (S, S))
+    assert out.shape == (2, 5, 16)
+    out.sum().backward()
+    assert all(m.grad.abs().sum() > 0 for m in maps)  # every level is read
+    with pytest.raises(ValueError, match=f"levels={levels}"):
+        attn(q, pts, maps[:1], K, c2w, (S, S))
+    with pytest.raises(ValueError, match="level 1"):
+        attn(q, pts, [maps[0], maps[1][:, :2], *maps[2:]], K, c2w, (S, S))
+    with pytest.raises(ValueError, match="levels >= 1"):
+        ProjectiveAttention(16, 4, 2, "mean", levels=0)

@@ -194,3 +194,51 @@ def test_joint_heatmaps_peak_at_the_projection_and_the_option_trains():
     assert losses["heatmap"] > 0
     losses["loss"].backward()
     assert model.heatmap_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention", ["projective", "dense"])
+def test_multi_level_maps_shapes_and_gradients(attention):
+    model = _model(levels=3, attention=attention).train()
+    assert model.level_sizes == [(8, 8), (16, 16), (4, 4)]  # 32 px, patch 4: the map, 2x finer, 2x coarser
+    batch = model.example_batch(2)
+    out = model(batch)
+    assert out["joints"].shape == (2, 4, 15, 3)
+    model.loss(out, batch)["loss"].backward()
+    assert model.upsample.weight.grad.abs().sum() > 0  # the finer level is read
+    if attention == "dense":
+        assert model.key_pos.shape == (64 + 256 + 16, 16)
+    else:
+        assert model.layers[0].cross.sampling_offsets.out_features == 2 * 3 * 2 * 2  # heads x levels x points x 2
+    assert _model(levels=1).upsample is None
+    with pytest.raises(ValueError, match="levels must be 1, 2 or 3"):
+        _model(levels=4)
+
+
+def test_coordinate_fusion_tells_the_query_where_it_is():
+    model = _model(coords=True).eval()
+    attn = model.layers[0].cross
+    assert attn.output_proj.in_features == 3 * (16 + 2) + 3
+    K, c2w = model.example_batch(1)["K"], model.example_batch(1)["cam_to_world"]
+    value = torch.zeros(1, 3, 16, 8, 8)  # no image evidence: the output depends on the point alone
+    q = torch.zeros(1, 2, 16)
+    pts = torch.tensor([[[0.0, 0.0, 0.9], [0.5, -0.3, 1.2]]])
+    with torch.no_grad():
+        out = attn(q, pts, value, K, c2w, (32, 32))
+    assert not torch.allclose(out[0, 0], out[0, 1])
+    with pytest.raises(ValueError, match="coords=True needs fusion='concat'"):
+        _model(coords=True, fusion="mean")
+
+
+def test_heatmap_pretraining_loss_trains_the_backbone_only():
+    model = _model(w_heatmap=1.0)
+    batch = model.example_batch(2)
+    loss = model.heatmap_pretrain_loss(batch)
+    loss.backward()
+    assert model.heatmap_head.weight.grad.abs().sum() > 0
+    assert model.input_proj.weight.grad.abs().sum() > 0
+    assert model.layers[0].cross.value_proj.weight.grad is None  # the decoder is not part of this stage
+    with torch.no_grad():  # the same value as the heatmap term of the full loss
+        full = model.loss(model(batch), batch)["heatmap"]
+    torch.testing.assert_close(loss.detach(), full)
+    with pytest.raises(ValueError, match="w_heatmap > 0"):
+        _model().heatmap_pretrain_loss(batch)

@@ -10,14 +10,22 @@ softmax weights predicted from the query, exactly the sampling of Deformable DET
 point lies behind the camera or outside the image are masked out. The per-view results are fused by
 concatenation over views and a linear layer (``fusion="concat"``, the paper; needs a fixed ``num_views``) or by the
 mean over the views that see the point (``fusion="mean"``, an option: order-free, any number of views).
+``coords=True`` (with "concat"; an option of the official code, its ``cat_catcoord_catref_proj`` fusion) also
+concatenates every view's normalised projected location and the query's 3-D point before the linear layer, so the
+query learns where it currently is and the refinement can regress a correction relative to it.
 
 The offsets and weights of view ``v`` are predicted from the query plus the view's (unprojected) feature at the
 projected point (``view_conditioned=True``, as the official code, so each view samples where its own image suggests;
 False: from the query alone, the same for every view). Both keep ``fusion="mean"`` invariant to the order of views.
 
-Deviations: one feature level per view (the official code can sample several); a point outside every view gets
-zeros before the output projection; the official code clamps the sampling grid to [-1.1, 1.1], here outside samples
-read zeros.
+Several feature levels (``levels > 1``; the paper's Eq. 4 samples the multi-scale maps of each view, as
+Deformable DETR): ``value`` is then a list of ``levels`` per-view maps ``(B, V, dim, h_l, w_l)`` of any
+resolutions; every head predicts ``num_points`` offsets (in pixels of that level) and weights per level, the
+weights softmax-normalised jointly over levels and points. The view conditioning reads the first level.
+``levels=1`` takes one map (a tensor, or a list of one) and is the single-level attention unchanged.
+
+Deviations: a point outside every view gets zeros before the output projection; the official code clamps the
+sampling grid to [-1.1, 1.1], here outside samples read zeros.
 """
 
 from __future__ import annotations
@@ -69,13 +77,16 @@ def project_to_views(
 
 
 class ProjectiveAttention(nn.Module):
-    """Queries ``(B, Q, dim)`` with 3-D reference points read ``V`` views' feature maps ``(B, V, dim, h, w)``.
+    """Queries ``(B, Q, dim)`` with 3-D reference points read ``V`` views' feature maps ``(B, V, dim, h, w)`` (or a
+    list of ``levels`` such maps of different resolutions).
 
     Args:
-        num_heads, num_points: attention heads and sampled points per head and view.
+        num_heads, num_points: attention heads and sampled points per head, level and view.
         fusion: "concat" (concatenate the views, then a linear layer; the paper) or "mean" (order-free).
         num_views: the views "concat" fuses (required for it; ignored by "mean").
         view_conditioned: offsets and weights from the query plus the view's feature at the projection.
+        levels: the feature levels per view (1: one map).
+        coords: with "concat", the views' projected locations and the 3-D point join the fused features.
     """
 
     def __init__(
@@ -86,6 +97,8 @@ class ProjectiveAttention(nn.Module):
         fusion: str = "concat",
         num_views: int | None = None,
         view_conditioned: bool = True,
+        levels: int = 1,
+        coords: bool = False,
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
@@ -93,25 +106,30 @@ class ProjectiveAttention(nn.Module):
         if fusion == "concat" and (num_views is None or num_views < 1):
             raise ValueError(f"fusion='concat' needs num_views >= 1 (its linear layer is num_views * dim wide), "
                              f"got {num_views!r}")  # fmt: skip
-        if num_heads < 1 or dim % num_heads or num_points < 1:
-            raise ValueError(f"need num_heads dividing dim and num_points >= 1, got {num_heads}/{dim}, {num_points}")
-        self.dim, self.num_heads, self.num_points = dim, num_heads, num_points
+        if coords and fusion != "concat":
+            raise ValueError(f"coords=True needs fusion='concat' (the locations of fixed views), got {fusion!r}")
+        if num_heads < 1 or dim % num_heads or num_points < 1 or levels < 1:
+            raise ValueError(f"need num_heads dividing dim, num_points >= 1 and levels >= 1, got {num_heads}/{dim}, "
+                             f"{num_points}, {levels}")  # fmt: skip
+        self.dim, self.num_heads, self.num_points, self.levels, self.coords = dim, num_heads, num_points, levels, coords
         self.fusion, self.num_views, self.view_conditioned = fusion, num_views, view_conditioned
-        self.sampling_offsets = nn.Linear(dim, num_heads * num_points * 2)
-        self.attention_weights = nn.Linear(dim, num_heads * num_points)
+        self.sampling_offsets = nn.Linear(dim, num_heads * levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * levels * num_points)
         self.value_proj = nn.Linear(dim, dim)
-        self.output_proj = nn.Linear(dim * num_views if fusion == "concat" else dim, dim)
+        fused = (dim + 2 * coords) * num_views + 3 * coords if fusion == "concat" else dim
+        self.output_proj = nn.Linear(fused, dim)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Deformable DETR's init: head ``h``'s points along direction ``2 pi h / heads`` at 1..P pixels, uniform
-        weights."""
-        H, P = self.num_heads, self.num_points
+        """Deformable DETR's init: head ``h``'s points along direction ``2 pi h / heads`` at 1..P pixels (of every
+        level), uniform weights."""
+        H, L, P = self.num_heads, self.levels, self.num_points
         angles = torch.arange(H, dtype=torch.float64) * (2 * math.pi / H)
         directions = torch.stack([angles.cos(), angles.sin()], -1)
         directions = directions / directions.abs().amax(-1, keepdim=True)
-        bias = directions[:, None, :] * torch.arange(1, P + 1, dtype=torch.float64)[None, :, None]
+        bias = directions[:, None, None, :] * torch.arange(1, P + 1, dtype=torch.float64)[None, None, :, None]
+        bias = bias.expand(H, L, P, 2)
         nn.init.zeros_(self.sampling_offsets.weight)
         self.sampling_offsets.bias.copy_(bias.reshape(-1))
         nn.init.zeros_(self.attention_weights.weight)
@@ -124,39 +142,53 @@ class ProjectiveAttention(nn.Module):
         self,
         query: torch.Tensor,
         points: torch.Tensor,
-        value: torch.Tensor,
+        value: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...],
         K: torch.Tensor,
         cam_to_world: torch.Tensor,
         image_size: tuple[int, int],
     ) -> torch.Tensor:
-        """``query`` (B, Q, dim), world ``points`` (B, Q, 3), ``value`` maps (B, V, dim, h, w), cameras of the
-        ``image_size`` images ``K`` (B, V, 3, 3), ``cam_to_world`` (B, V, 4, 4) -> (B, Q, dim)."""
+        """``query`` (B, Q, dim), world ``points`` (B, Q, 3), ``value`` maps (B, V, dim, h, w) (or a list of
+        ``levels`` of them, any ``h_l, w_l``), cameras of the ``image_size`` images ``K`` (B, V, 3, 3),
+        ``cam_to_world`` (B, V, 4, 4) -> (B, Q, dim)."""
         if query.ndim != 3 or query.shape[-1] != self.dim or points.shape != (*query.shape[:2], 3):
             raise ValueError(f"query must be (B, Q, {self.dim}) and points (B, Q, 3), got "
                              f"{tuple(query.shape)}, {tuple(points.shape)}")  # fmt: skip
         B, Q = query.shape[:2]
-        if value.ndim != 5 or value.shape[0] != B or value.shape[2] != self.dim:
-            raise ValueError(f"value must be (B={B}, V, {self.dim}, h, w) view maps, got {tuple(value.shape)}")
-        V, h, w = value.shape[1], value.shape[3], value.shape[4]
+        maps = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(maps) != self.levels:
+            raise ValueError(f"value must hold levels={self.levels} feature map(s) per view, got {len(maps)}")
+        for i, m in enumerate(maps):
+            if not torch.is_tensor(m) or m.ndim != 5 or m.shape[:3] != (B, maps[0].shape[1], self.dim):
+                got = tuple(m.shape) if torch.is_tensor(m) else type(m).__name__
+                raise ValueError(f"value level {i} must be (B={B}, V, {self.dim}, h, w) view maps (the same V at "
+                                 f"every level), got {got}")  # fmt: skip
+        V = maps[0].shape[1]
         if self.fusion == "concat" and self.num_views != V:
             raise CameraError(f"value holds {V} views but this projective attention fuses num_views={self.num_views}")
         check_view_cameras(K, cam_to_world, B, V)
-        H, P, D = self.num_heads, self.num_points, self.dim // self.num_heads
+        H, L, P, D = self.num_heads, self.levels, self.num_points, self.dim // self.num_heads
+        shapes = [(int(m.shape[3]), int(m.shape[4])) for m in maps]
         loc, visible = project_to_views(points, K, cam_to_world, image_size)  # (B, Q, V, 2), (B, Q, V)
-        v = self.value_proj(value.flatten(3).transpose(-1, -2))  # (B, V, h * w, dim)
+        # every level's tokens, flattened row-major and concatenated (multi_scale_deformable_attention's layout)
+        v = self.value_proj(torch.cat([m.flatten(3) for m in maps], -1).transpose(-1, -2))  # (B, V, sum hw, dim)
         loc = loc.transpose(1, 2)  # (B, V, Q, 2)
         q = query[:, None].expand(B, V, Q, self.dim)
-        if self.view_conditioned:  # + the view's feature at the projected point
-            grid = (2 * loc - 1).reshape(B * V, Q, 1, 2).to(value.dtype)
-            at = F.grid_sample(value.flatten(0, 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.view_conditioned:  # + the view's feature (first level) at the projected point
+            grid = (2 * loc - 1).reshape(B * V, Q, 1, 2).to(maps[0].dtype)
+            at = F.grid_sample(maps[0].flatten(0, 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             q = q + at[..., 0].transpose(1, 2).reshape(B, V, Q, self.dim)
-        offsets = self.sampling_offsets(q).view(B * V, Q, H, 1, P, 2) / query.new_tensor([w, h])
-        weights = self.attention_weights(q).view(B * V, Q, H, 1, P).softmax(-1)
-        # views join the batch: every (scene, view) is one "image" of a single level
+        # offsets are in pixels of their level: divide by each level's (w, h)
+        scale = query.new_tensor([(w, h) for h, w in shapes])[:, None]  # (L, 1, 2)
+        offsets = self.sampling_offsets(q).view(B * V, Q, H, L, P, 2) / scale
+        weights = self.attention_weights(q).view(B * V, Q, H, L * P).softmax(-1).view(B * V, Q, H, L, P)
+        # views join the batch: every (scene, view) is one "image" of L levels
         locations = loc.reshape(B * V, Q, 1, 1, 1, 2) + offsets
-        out = multi_scale_deformable_attention(v.reshape(B * V, h * w, H, D), [(h, w)], locations, weights)
+        out = multi_scale_deformable_attention(v.reshape(B * V, -1, H, D), shapes, locations, weights)
         out = out.view(B, V, Q, self.dim).transpose(1, 2) * visible[..., None].to(out.dtype)  # (B, Q, V, dim)
         if self.fusion == "concat":
+            if self.coords:  # (x, y) in [0, 1] per view and the world point, the official code's catcoord_catref
+                loc = loc.transpose(1, 2).to(out.dtype)
+                return self.output_proj(torch.cat([torch.cat([out, loc], -1).flatten(2), points.to(out.dtype)], -1))
             return self.output_proj(out.flatten(2))
         count = visible.sum(-1, keepdim=True).clamp_min(1).to(out.dtype)
         return self.output_proj(out.sum(2) / count)

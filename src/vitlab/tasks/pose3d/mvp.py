@@ -6,6 +6,11 @@ The body is vitlab's 15-joint stick figure (``data.synthetic.humans``, Panoptic-
 - **Per-view features**: one backbone by name (any vitlab / timm model, shared by the views) through the model
   contract (``forward_intermediates``): the last map of an isotropic ViT, or a hierarchical backbone's last map at
   stride <= ``max_stride``; a 1x1 convolution to ``dim``.
+- **Feature levels** (``levels``; MvP's projective attention samples several levels of each view, as Deformable
+  DETR): 1 = that map; 2 adds a 2x finer level (a stride-2 transposed convolution of it); 3 adds a 2x coarser one
+  (2x2 max-pooling), ViTDet's "simple feature pyramid" built from the one map of an isotropic ViT (the paper takes
+  the levels of a convolutional backbone instead). Every level gets its own rays (RayConv below); the attention
+  predicts offsets and weights per level.
 - **RayConv** (``ray_conv=True``, ``layers.camera_embed.RayConv``): each feature pixel's unit world-frame camera ray
   (from ``K`` scaled to the map and ``cam_to_world``) concatenated and mixed back to ``dim`` by a 1x1 convolution.
 - **Hierarchical joint queries**: ``num_people`` person embeddings plus 15 joint embeddings, summed -> ``num_people
@@ -14,9 +19,10 @@ The body is vitlab's 15-joint stick figure (``data.synthetic.humans``, Panoptic-
   Panoptic space becomes 5 x 5 x 2.2 m here, the synthetic room).
 - **Decoder** of ``depth`` post-norm layers: self-attention among all joint queries, cross-attention to the views
   (``attention="projective"``: ``layers.projective_attention.ProjectiveAttention`` at each query's current 3-D
-  point, ``num_points`` samples per head and view, views fused by concatenation, the paper; ``fusion="mean"`` the
-  order-free option; ``attention="dense"``: plain cross-attention to every token of every view, keys with a learned
-  position embedding: the ablation), FFN.
+  point, ``num_points`` samples per head, level and view, views fused by concatenation, the paper;
+  ``coords=True`` adds the views' projected locations and the 3-D point to that concatenation, an option of the
+  official code; ``fusion="mean"`` the order-free option; ``attention="dense"``: plain cross-attention to every
+  token of every level of every view, keys with a learned position embedding: the ablation), FFN.
 - **Iterative refinement**: after each layer an MLP (last layer zero-initialised) predicts offsets added to the
   inverse-sigmoid of the reference points; the refined points are that layer's joints and, detached, the next
   layer's reference points (Deformable DETR's box refinement, as MvP).
@@ -29,13 +35,19 @@ The body is vitlab's 15-joint stick figure (``data.synthetic.humans``, Panoptic-
   same millimetres, not rescaled; at 64 px they are hard, so ``ap250`` and ``ap500`` are reported too), ``recall``
   (at 500 mm) and ``mpjpe`` (mean over the true positives at 500 mm).
 
-Option not in the paper: ``w_heatmap > 0`` adds a 2-D joint-heatmap head (1x1 convolution, sigmoid, MSE against
-Gaussians at the projected true joints) on the view features. MvP starts from a PoseResNet pre-trained on 2-D poses
-(VoxelPose's); here the backbone trains from scratch, and this loss stands in for that pre-training.
+2-D pose pretraining stand-in (not in the paper): ``w_heatmap > 0`` adds a 2-D joint-heatmap head (1x1
+convolution, sigmoid, squared error against Gaussians at the projected true joints) on the view features (the 2x
+finer level when ``levels >= 2``, so that level learns where in a patch a joint lies). MvP starts from a
+PoseResNet pre-trained on 2-D poses (VoxelPose's); here the backbone starts from scratch, and
+:meth:`MvP.heatmap_pretrain_loss` (the backbone and the heatmap head alone) trains it first for a few hundred steps
+(``benchmarks/mvp.py --pretrain``), a stand-in for that pre-training; the heatmap loss may stay on during training.
 
-Deviations: single-level features (MvP samples several levels of a PoseResNet); the projective attention's
-offsets and weights are shared by all views; sigmoid focal loss on the person confidence (mean of joint logits),
-not per joint. ``vitlab predict`` (``draw_prediction``): :func:`skeleton_picture` draws the people into every view.
+Deviations: ViTDet-style levels from one ViT map, not a CNN's stages; the projective attention's offsets and
+weights are shared by all views (conditioned on each view's feature at the projection); sigmoid focal loss on the
+person confidence (mean of joint logits), not per joint; a short heatmap pretraining on the same synthetic scenes
+instead of a 2-D pose model pretrained on COCO. Missing: MvP's query adaptation and its pose-embedding options,
+the paper's datasets (Panoptic, Shelf, Campus) and its 960 x 512 scale. ``vitlab predict`` (``draw_prediction``):
+:func:`skeleton_picture` draws the people into every view.
 
 Batch (:func:`batch_from_humans_views` makes one from a collated ``stick_humans`` batch): ``image`` (B, V, 3, H, W),
 ``K`` (B, V, 3, 3), ``cam_to_world`` (B, V, 4, 4), ``joints_3d`` (B, P, 15, 3) world (metres), ``person_mask``
@@ -88,6 +100,8 @@ class MvP(VideoTaskModel):
         num_views: the views per scene (V).
         attention: "projective" (the paper) or "dense" (the ablation); fusion: "concat" or "mean" (projective).
         ray_conv: RayConv on the view features.
+        levels: feature levels (1: the backbone's map; 2: + 2x finer; 3: + 2x coarser); coords: projective fusion
+            with the projected locations and the 3-D point (official-code option).
         dim, heads, depth, ffn, num_points: decoder width, heads, layers, FFN width, samples per head and view.
         num_people: person queries; max_stride: the finest stride a hierarchical backbone's map may have.
         space_center, space_size: the box (metres) the reference points are normalised in.
@@ -119,6 +133,8 @@ class MvP(VideoTaskModel):
         depth: int = 3,
         ffn: int = 128,
         num_points: int = 4,
+        levels: int = 1,
+        coords: bool = False,
         num_people: int = 6,
         max_stride: int = 8,
         space_center: tuple[float, float, float] = (0.0, 0.0, 0.9),
@@ -136,6 +152,8 @@ class MvP(VideoTaskModel):
         if min(depth, num_people, num_points) < 1 or dim % heads:
             raise ValueError(f"need depth, num_people, num_points >= 1 and heads dividing dim; got {depth}, "
                              f"{num_people}, {num_points}, {heads}/{dim}")  # fmt: skip
+        if levels not in (1, 2, 3):
+            raise ValueError(f"levels must be 1, 2 or 3 (the map, + a 2x finer, + a 2x coarser level), got {levels}")
         if len(space_size) != 3 or min(space_size) <= 0 or len(space_center) != 3:
             raise ValueError(f"space_center and space_size must be 3 numbers, sizes > 0; got {space_center}, "
                              f"{space_size}")  # fmt: skip
@@ -147,8 +165,16 @@ class MvP(VideoTaskModel):
         if hasattr(self.backbone, "prune_intermediate_layers"):
             self.backbone.prune_intermediate_layers([self.feature_index], prune_norm=True, prune_head=True)
         self.input_proj = nn.Conv2d(int(info[self.feature_index]["num_chs"]), dim, 1)
+        # ViTDet's simple feature pyramid from the one map: a 2x finer level (transposed convolution) and a 2x
+        # coarser one (max-pooling), the several levels of MvP's projective attention (Sec. 3.2)
+        self.upsample = nn.ConvTranspose2d(dim, dim, 2, stride=2) if levels >= 2 else None
+        self.levels = levels
         with torch.no_grad():
             self.map_size = tuple(self._features(torch.zeros(1, in_chans, img_size, img_size)).shape[-2:])
+        h, w = self.map_size
+        self.level_sizes = [(h, w), (2 * h, 2 * w), (h // 2, w // 2)][:levels]
+        if min(min(size) for size in self.level_sizes) < 1:
+            raise ValueError(f"levels={levels} needs a feature map of at least 2 x 2, got {self.map_size}")
         self.attention, self.num_people, self.aux_loss = attention, num_people, aux_loss
         self.weights, self.score_threshold = (w_class, w_pose), score_threshold
         self.ap_thresholds = tuple(float(t) for t in ap_thresholds)
@@ -157,15 +183,16 @@ class MvP(VideoTaskModel):
         self.ray_conv = RayConv(dim) if ray_conv else None
         self.w_heatmap = w_heatmap
         self.heatmap_head = nn.Conv2d(dim, NUM_JOINTS, 1) if w_heatmap > 0 else None
-        h, w = self.map_size
-        self.key_pos = nn.Parameter(torch.randn(h * w, dim) * 0.02) if attention == "dense" else None
+        tokens = sum(a * b for a, b in self.level_sizes)  # dense attention reads every level's tokens
+        self.key_pos = nn.Parameter(torch.randn(tokens, dim) * 0.02) if attention == "dense" else None
         # unit-variance embeddings (nn.Embedding's init, as Deformable DETR / MvP): the initial reference points
         # spread over the space instead of all starting at its centre
         self.person_embed = nn.Parameter(torch.randn(num_people, 2 * dim))
         self.joint_embed = nn.Parameter(torch.randn(NUM_JOINTS, 2 * dim))
         self.ref_point = nn.Linear(dim, 3)
         self.layers = nn.ModuleList(
-            MvPDecoderLayer(dim, heads, ffn, attention, num_points, fusion, num_views) for _ in range(depth)
+            MvPDecoderLayer(dim, heads, ffn, attention, num_points, fusion, num_views, levels, coords)
+            for _ in range(depth)
         )
         self.pose_heads = nn.ModuleList(
             nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 3)) for _ in range(depth)
@@ -187,9 +214,12 @@ class MvP(VideoTaskModel):
         """World metres -> the normalised space (the inverse of :meth:`to_world`)."""
         return (points - self.space_center) / self.space_size + 0.5
 
-    def feature_rays(self, K: torch.Tensor, cam_to_world: torch.Tensor) -> torch.Tensor:
-        """Unit world rays (B * V, h, w, 3) through the feature-map pixel centres (K rescaled to the map)."""
-        h, w = self.map_size
+    def feature_rays(
+        self, K: torch.Tensor, cam_to_world: torch.Tensor, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Unit world rays (B * V, h, w, 3) through the pixel centres of a ``size`` map (default: the backbone's;
+        K rescaled to the map)."""
+        h, w = size or self.map_size
         scale = K.new_tensor([w / self.img_size, h / self.img_size, 1.0])[:, None]
         d, _ = camera_rays((K * scale).flatten(0, 1), h, w)
         return transform_points(cam_to_world.flatten(0, 1)[:, None, None], d, direction=True)
@@ -205,6 +235,15 @@ class MvP(VideoTaskModel):
     def forward_image(self, image: torch.Tensor) -> torch.Tensor:
         """Views (B, V, C, H, W) -> feature maps (B, V, dim, h, w) (no camera information yet)."""
         return self._features(image.flatten(0, 1)).unflatten(0, image.shape[:2])
+
+    def pyramid(self, maps: torch.Tensor) -> list[torch.Tensor]:
+        """The ``levels`` maps of (B * V, dim, h, w) features: the map itself, 2x finer, 2x coarser."""
+        out = [maps]
+        if self.upsample is not None:
+            out.append(self.upsample(maps))
+        if self.levels == 3:
+            out.append(nn.functional.max_pool2d(maps, 2))
+        return out
 
     def forward(
         self,
@@ -227,21 +266,23 @@ class MvP(VideoTaskModel):
         B, V = image.shape[:2]
         check_view_cameras(K, cam_to_world, B, V)
         K, cam_to_world = K.to(image.dtype), cam_to_world.to(image.dtype)
-        maps = self.forward_image(image)
+        levels = self.pyramid(self.forward_image(image).flatten(0, 1))
         extra = {}
         if self.heatmap_head is not None:  # 2-D joint evidence read from the features before the rays join them
-            extra["heatmaps"] = self.heatmap_head(maps.flatten(0, 1)).unflatten(0, (B, V))
-        if self.ray_conv is not None:
-            maps = self.ray_conv(maps.flatten(0, 1), self.feature_rays(K, cam_to_world)).unflatten(0, (B, V))
+            extra["heatmaps"] = self._heatmaps(levels).unflatten(0, (B, V))
+        if self.ray_conv is not None:  # one RayConv, each level with the rays through its own pixel centres
+            levels = [self.ray_conv(m, self.feature_rays(K, cam_to_world, m.shape[-2:])) for m in levels]
+        levels = [m.unflatten(0, (B, V)) for m in levels]
         keys = None
         if self.key_pos is not None:
-            keys = (maps.flatten(3).transpose(-1, -2) + self.key_pos).flatten(1, 2)
+            tokens = torch.cat([m.flatten(3) for m in levels], -1).transpose(-1, -2)  # (B, V, sum hw, dim)
+            keys = (tokens + self.key_pos).flatten(1, 2)
         queries = (self.person_embed[:, None] + self.joint_embed[None]).flatten(0, 1)  # hierarchical: (N * 15, 2d)
         pos, tgt = queries.expand(B, -1, -1).chunk(2, dim=-1)
         ref = self.ref_point(pos).sigmoid()
         all_joints, all_logits = [], []
         for layer, pose_head, class_head in zip(self.layers, self.pose_heads, self.class_heads, strict=True):
-            tgt = layer(tgt, pos, self.to_world(ref), maps, keys, K, cam_to_world, (self.img_size, self.img_size))
+            tgt = layer(tgt, pos, self.to_world(ref), levels, keys, K, cam_to_world, (self.img_size, self.img_size))
             new_ref = (torch.logit(ref.clamp(1e-5, 1 - 1e-5)) + pose_head(tgt)).sigmoid()
             all_joints.append(self.to_world(new_ref).view(B, self.num_people, NUM_JOINTS, 3))
             all_logits.append(class_head(tgt).view(B, self.num_people, NUM_JOINTS).mean(-1))
@@ -274,11 +315,35 @@ class MvP(VideoTaskModel):
             total = total + w_class * focal + w_pose * l1
         logs = {"class": focal.detach(), "joints": l1.detach()}
         if "heatmaps" in output:
-            target = joint_heatmaps(gt, mask, batch["K"], batch["cam_to_world"], self.img_size, self.map_size)
-            # squared error summed over each map (a Gaussian's mass is ~2 pi sigma^2 cells), mean over maps
-            logs["heatmap"] = ((output["heatmaps"].sigmoid() - target) ** 2).sum((-1, -2)).mean()
+            logs["heatmap"] = self._heatmap_loss(output["heatmaps"], gt, mask, batch)
             total = total + self.w_heatmap * logs["heatmap"]
         return {"loss": total, **logs}
+
+    def _heatmaps(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """Joint heatmap logits (B * V, 15, h, w) on the finest level (the 2x finer one when ``levels >= 2``: its
+        supervision makes the upsampled map carry where in a patch a joint lies)."""
+        assert self.heatmap_head is not None
+        return self.heatmap_head(levels[1] if len(levels) > 1 else levels[0])
+
+    def _heatmap_loss(
+        self, heatmaps: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, batch: Mapping[str, Any]
+    ) -> torch.Tensor:
+        size = tuple(heatmaps.shape[-2:])
+        target = joint_heatmaps(gt, mask, batch["K"], batch["cam_to_world"], self.img_size, size)
+        # squared error summed over each map (a Gaussian's mass is ~2 pi sigma^2 cells), mean over maps
+        return ((heatmaps.sigmoid() - target) ** 2).sum((-1, -2)).mean()
+
+    def heatmap_pretrain_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The 2-D joint-heatmap loss of the backbone alone (no decoder): the stand-in for MvP's 2-D-pose-pretrained
+        backbone, a stage to train before the set loss (needs ``w_heatmap > 0``, which creates the head)."""
+        if self.heatmap_head is None:
+            raise ValueError("heatmap pretraining needs the 2-D heatmap head: build the model with w_heatmap > 0")
+        image = batch["image"]
+        self.check_image(image)
+        B, V = image.shape[:2]
+        check_view_cameras(batch["K"], batch["cam_to_world"], B, V)
+        heatmaps = self._heatmaps(self.pyramid(self.forward_image(image).flatten(0, 1))).unflatten(0, (B, V))
+        return self._heatmap_loss(heatmaps, *self._targets({"joints": heatmaps}, batch), batch)
 
     def build_metrics(self) -> MetricCollection:
         from torchmetrics import CatMetric, MetricCollection, SumMetric

@@ -33,29 +33,31 @@ class MvPDecoderLayer(nn.Module):
     views ("projective": :class:`ProjectiveAttention` at the queries' 3-D points; "dense": every token of every
     view, keys carry a learned position embedding), FFN."""
 
-    def __init__(self, dim: int, heads: int, ffn: int, attention: str, num_points: int, fusion: str, views: int):
+    def __init__(self, dim: int, heads: int, ffn: int, attention: str, num_points: int, fusion: str, views: int,
+                 levels: int = 1, coords: bool = False):  # fmt: skip
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         self.attention = attention
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         if attention == "projective":
-            self.cross = ProjectiveAttention(dim, heads, num_points, fusion, views)
+            self.cross = ProjectiveAttention(dim, heads, num_points, fusion, views, levels=levels, coords=coords)
         else:
             self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Linear(ffn, dim))
 
     def forward(self, tgt, pos, points, maps, keys, K, cam_to_world, image_size) -> torch.Tensor:
-        """``tgt``/``pos`` (B, Q, dim) content and position, ``points`` (B, Q, 3) world, ``maps`` (B, V, dim, h, w),
-        ``keys`` (B, V * h * w, dim) the dense attention's keys (tokens + position; None for projective)."""
+        """``tgt``/``pos`` (B, Q, dim) content and position, ``points`` (B, Q, 3) world, ``maps`` a list of levels
+        (B, V, dim, h_l, w_l), ``keys`` (B, V * sum h_l w_l, dim) the dense attention's keys (tokens + position, the
+        order of ``maps``' tokens; None for projective)."""
         q = tgt + pos
         tgt = self.norm1(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
         q = tgt + pos
         if self.attention == "projective":
             cross = self.cross(q, points, maps, K, cam_to_world, image_size)
         else:
-            values = maps.flatten(3).transpose(-1, -2).flatten(1, 2)  # (B, V * h * w, dim)
+            values = torch.cat([m.flatten(3) for m in maps], -1).transpose(-1, -2).flatten(1, 2)  # (B, V * S, dim)
             cross = self.cross(q, keys, values, need_weights=False)[0]
         tgt = self.norm2(tgt + cross)
         return self.norm3(tgt + self.ffn(tgt))
