@@ -143,11 +143,17 @@ def test_orbit_cameras_ring_at_zero_elevation_and_consistency_metric():
         multiview_consistency(data["views"], data["depth"][:, :2], data["valid"], data["K"], data["cam_to_world"])
 
 
-def test_base_checkpoint_loads_frozen_and_wrong_files_are_named(tmp_path):
+def _flow_base() -> tuple[FlowDiT, dict]:
+    """A random 16 px RGB flow_dit base and the metadata of its checkpoint."""
     torch.manual_seed(0)
     base = FlowDiT("vit_micro_patch4_28", num_classes=10, in_chans=3, img_size=16, backbone_kwargs=TINY)
     meta = {"task": "flow_dit", "model": "vit_micro_patch4_28", "backbone_args": TINY, "task_args": {},
             "num_classes": 10, "in_chans": 3, "img_size": 16}  # fmt: skip
+    return base, meta
+
+
+def test_base_checkpoint_loads_frozen_and_wrong_files_are_named(tmp_path):
+    base, meta = _flow_base()
     save_weights(base, tmp_path / "best.safetensors", meta)
     model = MVAdapter("vit_micro_patch4_28", img_size=16, base_checkpoint=str(tmp_path), num_views=2)
     assert all(
@@ -174,10 +180,7 @@ def test_sample_shape_and_shared_noise():
 
 
 def test_a_run_reloads_after_its_base_checkpoint_is_deleted(tmp_path):
-    torch.manual_seed(0)
-    base = FlowDiT("vit_micro_patch4_28", num_classes=10, in_chans=3, img_size=16, backbone_kwargs=TINY)
-    meta = {"task": "flow_dit", "model": "vit_micro_patch4_28", "backbone_args": TINY, "task_args": {},
-            "num_classes": 10, "in_chans": 3, "img_size": 16}  # fmt: skip
+    base, meta = _flow_base()
     save_weights(base, tmp_path / "base.safetensors", meta)
     model = MVAdapter(img_size=16, base_checkpoint=str(tmp_path / "base.safetensors"), num_views=2)
     args = model.reload_args({"base_checkpoint": str(tmp_path / "base.safetensors"), "num_views": 2})
