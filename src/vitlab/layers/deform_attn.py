@@ -27,6 +27,7 @@ from .tracing import is_fx_tracing
 
 __all__ = [
     "MultiScaleDeformableAttention",
+    "deformable_init_",
     "flatten_levels",
     "multi_scale_deformable_attention",
     "reference_points_for",
@@ -203,23 +204,8 @@ class MultiScaleDeformableAttention(nn.Module):
         self.output_proj = nn.Linear(value_dim, dim)
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Deformable DETR's init: head ``h``'s points start along direction ``2 pi h / num_heads``, point ``p`` at
-        ``p + 1`` pixels (directions scaled to unit max-norm, as in the official code), uniform attention."""
-        H, L, P = self.num_heads, self.num_levels, self.num_points
-        angles = torch.arange(H, dtype=torch.float64) * (2 * math.pi / H)
-        directions = torch.stack([angles.cos(), angles.sin()], -1)
-        directions = directions / directions.abs().amax(-1, keepdim=True)
-        steps = torch.arange(1, P + 1, dtype=torch.float64)
-        bias = directions[:, None, None, :] * steps[None, None, :, None]  # (H, 1, P, 2)
-        nn.init.zeros_(self.sampling_offsets.weight)
-        self.sampling_offsets.bias.copy_(bias.expand(H, L, P, 2).reshape(-1))
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        for proj in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(proj.weight)
-            nn.init.zeros_(proj.bias)
+        deformable_init_(self, self.num_heads, self.num_levels, self.num_points)
 
     def forward(
         self,
@@ -282,3 +268,22 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"padding_mask must be a bool (B, S) = {tuple(value.shape[:2])} tensor, "
                 f"got {padding_mask.dtype} of shape {tuple(padding_mask.shape)}"
             )
+
+
+@torch.no_grad()
+def deformable_init_(module: nn.Module, heads: int, levels: int, points: int) -> None:
+    """Deformable DETR's init of a module with ``sampling_offsets``, ``attention_weights``, ``value_proj`` and
+    ``output_proj`` linears: head ``h``'s points start along direction ``2 pi h / heads``, point ``p`` at ``p + 1``
+    pixels of every level (directions scaled to unit max-norm, as in the official code), uniform attention."""
+    angles = torch.arange(heads, dtype=torch.float64) * (2 * math.pi / heads)
+    directions = torch.stack([angles.cos(), angles.sin()], -1)
+    directions = directions / directions.abs().amax(-1, keepdim=True)
+    steps = torch.arange(1, points + 1, dtype=torch.float64)
+    bias = directions[:, None, None, :] * steps[None, None, :, None]  # (heads, 1, points, 2)
+    nn.init.zeros_(module.sampling_offsets.weight)
+    module.sampling_offsets.bias.copy_(bias.expand(heads, levels, points, 2).reshape(-1))
+    nn.init.zeros_(module.attention_weights.weight)
+    nn.init.zeros_(module.attention_weights.bias)
+    for proj in (module.value_proj, module.output_proj):
+        nn.init.xavier_uniform_(proj.weight)
+        nn.init.zeros_(proj.bias)

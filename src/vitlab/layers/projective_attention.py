@@ -30,14 +30,12 @@ sampling grid to [-1.1, 1.1], here outside samples read zeros.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .camera import CameraError, check_intrinsics, check_pose, invert_pose, project, transform_points
-from .deform_attn import multi_scale_deformable_attention
+from .deform_attn import deformable_init_, multi_scale_deformable_attention
 from .tracing import is_fx_tracing
 
 __all__ = ["FUSIONS", "ProjectiveAttention", "check_view_cameras", "project_to_views"]
@@ -120,23 +118,8 @@ class ProjectiveAttention(nn.Module):
         self.output_proj = nn.Linear(fused, dim)
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Deformable DETR's init: head ``h``'s points along direction ``2 pi h / heads`` at 1..P pixels (of every
-        level), uniform weights."""
-        H, L, P = self.num_heads, self.levels, self.num_points
-        angles = torch.arange(H, dtype=torch.float64) * (2 * math.pi / H)
-        directions = torch.stack([angles.cos(), angles.sin()], -1)
-        directions = directions / directions.abs().amax(-1, keepdim=True)
-        bias = directions[:, None, None, :] * torch.arange(1, P + 1, dtype=torch.float64)[None, None, :, None]
-        bias = bias.expand(H, L, P, 2)
-        nn.init.zeros_(self.sampling_offsets.weight)
-        self.sampling_offsets.bias.copy_(bias.reshape(-1))
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        for proj in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(proj.weight)
-            nn.init.zeros_(proj.bias)
+        deformable_init_(self, self.num_heads, self.levels, self.num_points)  # Deformable DETR's, every level
 
     def forward(
         self,
