@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import vitlab.data as vd
 
@@ -36,3 +38,13 @@ def fmnist_train(fmnist_dir: Path) -> vd.TensorImageDataset:
 @pytest.fixture(scope="session")
 def fmnist_test(fmnist_dir: Path) -> vd.TensorImageDataset:
     return vd.load_fashion_mnist(fmnist_dir, split="test", download=False)
+
+
+@pytest.fixture(scope="module")
+def square_items() -> vd.TensorImageDataset:
+    """12 fake gray items (bright noisy squares on black), so the renderers' tests need no Fashion-MNIST files."""
+    g = np.random.default_rng(0)
+    images = np.zeros((12, 1, 28, 28), np.uint8)
+    images[:, 0, 6:22, 6:22] = g.integers(80, 256, (12, 16, 16))
+    return vd.TensorImageDataset(images=torch.from_numpy(images), targets=torch.arange(12) % 10,
+                                 classes=list(vd.FASHION_MNIST_CLASSES), mean=(0.3,), std=(0.3,))  # fmt: skip

@@ -34,19 +34,8 @@ def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def items() -> vd.TensorImageDataset:
-    """Fake gray items (bright noisy squares on black), so the tests need no Fashion-MNIST files."""
-    g = np.random.default_rng(0)
-    images = np.zeros((12, 1, 28, 28), np.uint8)
-    images[:, 0, 6:22, 6:22] = g.integers(80, 256, (12, 16, 16))
-    return vd.TensorImageDataset(
-        images=torch.from_numpy(images),
-        targets=torch.arange(12) % 10,
-        classes=list(vd.FASHION_MNIST_CLASSES),
-        mean=(0.3,),
-        std=(0.3,),
-        name="fake_items",
-    )
+def items(square_items: vd.TensorImageDataset) -> vd.TensorImageDataset:
+    return square_items
 
 
 def _front_camera(lens: str, size: int = S, fov: float = 70.0) -> Cameras:
