@@ -86,6 +86,32 @@ def test_loader_normalises_views_once(tmp_path, task, convert, views):
     torch.testing.assert_close(batch["pointmap"], ref["pointmap"])
 
 
+def test_flow_dit_trains_on_render3d_views_as_the_mv_adapter_base(tmp_path):
+    """``--task flow_dit --dataset render3d`` (the first view of each scene, in [-1, 1]) makes the frozen base that
+    ``--task mv_adapter`` then adapts; both loaders scale pixels alike, the reference image as the views."""
+    base_cfg = RunConfig(out=str(tmp_path / "runs"), name="base", log_every=1, device="cpu")
+    base_cfg.task.task, base_cfg.task.backbone_args = "flow_dit", TINY_BACKBONE
+    base_cfg.data.dataset, base_cfg.model.img_size, base_cfg.model.in_chans = "render3d", 16, 3
+    base_cfg.data.train_subset, base_cfg.data.test_subset, base_cfg.data.batch_size = 16, 8, 8
+    base_cfg.optim.steps = 2
+    ds = build_datasets(base_cfg, splits=("test",))["test"]
+    batch = next(build_loader(ds, base_cfg, train=False, in_chans=3).iter_batches(0))
+    raw = ds.data.collate([ds.data[i] for i in range(8)])
+    torch.testing.assert_close(batch["image"], raw["views"][:, 0].float() / 127.5 - 1)
+    base_run = train(base_cfg)
+    (picture,) = predict_dense([], base_run)
+    assert picture.name == "samples.png"  # a grid of samples, not the multi-view tasks' scene rows
+    cfg = _cfg(tmp_path, "mv_adapter")
+    cfg.task.task_args = json.dumps({"num_views": 2, "base_checkpoint": str(base_run)})
+    mv = build_datasets(cfg, splits=("test",))["test"]
+    mv_batch = next(build_loader(mv, cfg, train=False, in_chans=3).iter_batches(0))
+    torch.testing.assert_close(mv_batch["image"], mv_batch["views"][:, 0])
+    model, _, _ = load_trained(train(cfg))
+    base, _, _ = load_trained(base_run)
+    for (name, a), b in zip(model.base.state_dict().items(), base.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_bad_pairings_fail_clearly(tmp_path):
     with pytest.raises(
         ValueError, match=r"--task dust3r trains on calibrated multi-view scenes: use --dataset render3d"

@@ -63,13 +63,15 @@ def split_holdout(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dat
 
 class TaskBatches:
     """A multi-view set seen through a task's converter (``TaskSpec.data_adapter``): ``collate`` gives the task's
-    batch, its ``image`` still uint8 views, which ``BatchLoader`` then normalises once with the set's mean/std."""
+    batch, its ``image`` still uint8 views, which ``BatchLoader`` then normalises once with the set's mean/std
+    (or ``stats``: the task's own ``(mean, std)``)."""
 
     classes = ("scene",)  # one "class": the task models' num_classes is unused
 
-    def __init__(self, data: Any, convert: Any) -> None:
-        self.data, self.convert = data, convert
-        self.mean, self.std, self.name = data.mean, data.std, data.name
+    def __init__(self, data: Any, convert: Any, stats: tuple[Any, Any] | None = None) -> None:
+        self.data, self.convert, self.stats = data, convert, stats
+        self.mean, self.std = (data.mean, data.std) if stats is None else (tuple(stats[0]), tuple(stats[1]))
+        self.name = data.name
         self.img_size, self.in_chans = data.img_size, data.in_chans
 
     def __len__(self) -> int:
@@ -82,7 +84,7 @@ class TaskBatches:
         return self.convert(self.data.collate(items))
 
     def subset(self, n_or_indices: Any, seed: int = 0) -> TaskBatches:
-        return TaskBatches(self.data.subset(n_or_indices, seed), self.convert)
+        return TaskBatches(self.data.subset(n_or_indices, seed), self.convert, self.stats)
 
 
 Dataset = TensorImageDataset | ImageFolderDataset | TaskBatches
@@ -94,27 +96,34 @@ def _multiview(cfg: RunConfig, split: str, subset: int | None) -> TaskBatches:
 
     spec = get_task(cfg.task.task) if cfg.task.task else None
     if spec is None or spec.data_adapter is None:
-        readers = [t for t in list_tasks() if get_task(t).dataset == cfg.data.dataset and get_task(t).data_adapter]
+        specs = [get_task(t) for t in list_tasks()]
+        # a task made for this set, or one that reads any multi-view set (flow_dit: single views)
+        readers = [
+            t.name
+            for t in specs
+            if t.data_adapter and (t.dataset == cfg.data.dataset or t.dataset not in MULTIVIEW_GENERATORS)
+        ]
         given = f"--task {spec.name}" if spec else "a classifier"
         raise ValueError(
             f"--dataset {cfg.data.dataset}: multi-view scenes train the task models that read them "
             f"(--task {' / '.join(readers) or '(none registered)'}), not {given}"
         )
-    views, convert = spec.data_adapter(json_keywords("--task-args", cfg.task.task_args))
+    views, convert, *stats = spec.data_adapter(json_keywords("--task-args", cfg.task.task_args))
     n = subset or (2_000 if split == "train" else 500)
     size, d = model_img_size(cfg), cfg.data
     ds = make_dataset(d.dataset, split=split, n=n, seed=cfg.seed, views=views, size=size, data_dir=d.data_dir)
-    return TaskBatches(ds, convert)
+    return TaskBatches(ds, convert, *stats)
 
 
 def _check_task_data(cfg: RunConfig) -> None:
-    """A task that reads a multi-view set (``TaskSpec.data_adapter``) trains on that set only."""
+    """A task made for a multi-view set (its default ``dataset`` is one, with a ``data_adapter``) trains on that set
+    only; a task that merely also reads one (flow_dit: single views) keeps its other data sets."""
     if not cfg.task.task:
         return
     from ..tasks import get_task
 
     spec = get_task(cfg.task.task)
-    if spec.data_adapter is not None and cfg.data.dataset != spec.dataset:
+    if spec.data_adapter is not None and spec.dataset in MULTIVIEW_GENERATORS and cfg.data.dataset != spec.dataset:
         raise ValueError(
             f"--task {spec.name} trains on calibrated multi-view scenes: use --dataset {spec.dataset}, "
             f"not {cfg.data.dataset!r}"

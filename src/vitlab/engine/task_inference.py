@@ -198,9 +198,11 @@ def predict_dense(images: list[str | Path], checkpoint: str | Path, out: str | P
     out_dir = Path(out) if out is not None else (run / "predict" if run else Path("predict"))
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = next(model.parameters()).device
+    from ..data.synthetic import MULTIVIEW_GENERATORS
     from ..tasks import get_task
 
-    if get_task(meta["task"]).data_adapter is not None:  # multi-view: its test scenes; the images are not read
+    spec = get_task(meta["task"])
+    if spec.data_adapter is not None and spec.dataset in MULTIVIEW_GENERATORS:  # its test scenes, not images
         if images:
             raise ValueError(
                 f"{meta['task']!r} runs take calibrated multi-view scenes, not image files: run `vitlab predict "

@@ -46,9 +46,11 @@ class TaskSpec:
         test_kwargs: keywords that make the contract test's model tiny (e.g. ``img_size``).
         backbones: which backbone topologies it takes: "any", "isotropic" or "hierarchical" (then
             ``backbones_reason`` says why, and the two ``test_backbones`` are of that topology, different families).
-        data_adapter: for a task that trains on a multi-view set (``dataset``, e.g. render3d): ``data_adapter(
-            task_kwargs)`` -> ``(views per scene, convert)``; ``convert`` maps the set's collated batch to this task's
-            batch with ``image`` left uint8 (the engine's loader normalises it once, with the set's mean/std).
+        data_adapter: for a task that trains on a multi-view set (e.g. render3d, its ``dataset`` or
+            ``--dataset``): ``data_adapter(task_kwargs)`` -> ``(views per scene, convert)`` or ``(views, convert,
+            (mean, std))``; ``convert`` maps the set's collated batch to this task's batch with ``image`` left uint8
+            (the engine's loader normalises it once, with the set's mean/std, or the third item's, e.g. a flow
+            model's fixed [-1, 1] range). A task whose default ``dataset`` is multi-view trains on that set only.
     """
 
     name: str
@@ -74,7 +76,7 @@ class TaskSpec:
     backbones: str = "any"
     backbones_reason: str = ""
     description: str = ""
-    data_adapter: Callable[[dict[str, Any]], tuple[int, Callable[..., dict[str, Any]]]] | None = None
+    data_adapter: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -278,6 +278,21 @@ class FlowDiT(FlowMetrics, TaskModel):
         return f"{super().extra_repr()}, class_cond={self.class_cond}, t_sampling={self.t_sampling!r}"
 
 
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # RGB views scaled to [-1, 1], the usual flow/diffusion range
+FLOW_RANGE = ((PIXEL_MEAN,) * 3, (PIXEL_STD,) * 3)  # as a data set's per-channel (mean, std)
+
+
+def single_views(sample: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated multi-view batch (``views`` uint8 ``(B, V, 3, H, W)``) -> ``{"image": its first views}``."""
+    return {"image": sample["views"][:, 0]}
+
+
+def _views_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any, tuple]:
+    """``TaskSpec.data_adapter``: ``--dataset render3d`` trains on one view per scene, in [-1, 1] (the range
+    MV-Adapter and Modular-Cam feed their frozen base), unconditional (scenes have no class)."""
+    return 1, single_views, FLOW_RANGE
+
+
 register_task(
     TaskSpec(
         name="flow_dit",
@@ -298,5 +313,6 @@ register_task(
         "guidance; Euler/Heun sampling",
         test_backbones=("vit_micro_patch4_28", "vir_nano_patch4_28"),
         test_kwargs={"img_size": 16},
+        data_adapter=_views_adapter,
     )
 )

@@ -49,7 +49,7 @@ from ...layers.dit import unpatchify
 from ...models import Paper
 from .._registry import register_task
 from ..base import TaskModel, TaskSpec
-from .flow import FlowDiT, FlowMetrics, grid_picture
+from .flow import FLOW_RANGE, FlowDiT, FlowMetrics, grid_picture
 from .mv_adapter_parts import (
     MODES,
     PIXEL_MEAN,
@@ -86,8 +86,9 @@ def _engine_batch(sample: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return mv_batch(sample, normalise_image=False)
 
 
-def _mv_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any]:
-    return int(task_kwargs.get("num_views", 4)), _engine_batch
+def _mv_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any, tuple]:
+    # the reference image in the views' range (the set's own mean/std would scale it apart from them)
+    return int(task_kwargs.get("num_views", 4)), _engine_batch, FLOW_RANGE
 
 
 class MVAdapter(FlowBaseReload, FlowMetrics, TaskModel):

@@ -20,6 +20,7 @@ from ...layers.adapters import zero_init_copy, zero_module
 from ...layers.attention import attend
 from ...layers.camera import Cameras, intrinsics_from_fov, look_at
 from ...layers.dit import AdaLNZeroBlock, modulate
+from .flow import PIXEL_MEAN, PIXEL_STD
 
 __all__ = [
     "MODES",
@@ -36,7 +37,6 @@ __all__ = [
 ]
 
 MODES = ("none", "row", "full")
-PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # views in [-1, 1], the usual diffusion range
 
 
 # -- attention ----------------------------------------------------------------------------------------------------
