@@ -44,8 +44,8 @@ METRICS = ("ap25", "ap50", "ap100", "ap150", "ap250", "ap500", "recall", "mpjpe"
 ATTENTIONS = ("projective", "dense")
 
 
-def load(split: str, n: int, size: int, seed: int) -> dict:
-    data = generate_stick_humans(split, n=n, seed=seed, views=4, size=size, max_people=3)
+def load(split: str, n: int, size: int, seed: int, max_people: int = 3) -> dict:
+    data = generate_stick_humans(split, n=n, seed=seed, views=4, size=size, max_people=max_people)
     return batch_from_humans_views(data.collate([data[i] for i in range(len(data))]), data.mean, data.std)
 
 

@@ -1,5 +1,6 @@
 """MvP task model (paper 36): data adapter on generated scenes, set loss and matching, the AP protocol, refinement
-starting as the identity, view-order invariance with mean fusion, camera errors, the skeleton picture."""
+starting as the identity, view-order invariance with mean fusion, camera errors, the skeleton picture, precomputed
+feature maps in place of the backbone (the oracle benchmark's hook)."""
 
 import numpy as np
 import pytest
@@ -242,3 +243,36 @@ def test_heatmap_pretraining_loss_trains_the_backbone_only():
     torch.testing.assert_close(loss.detach(), full)
     with pytest.raises(ValueError, match="w_heatmap > 0"):
         _model().heatmap_pretrain_loss(batch)
+
+
+@pytest.mark.parametrize("attention", ["projective", "dense"])
+def test_precomputed_features_replace_the_backbone(attention):
+    model = _model(levels=3, attention=attention).eval()
+    batch = model.example_batch(2)
+    B, V = batch["image"].shape[:2]
+    with torch.no_grad():  # the backbone's own levels, handed in: the same output, the image no longer read
+        own = [m.unflatten(0, (B, V)) for m in model.pyramid(model.forward_image(batch["image"]).flatten(0, 1))]
+        a = model(batch)
+        b = model(None, K=batch["K"], cam_to_world=batch["cam_to_world"], features=own)
+        c = model({k: v for k, v in batch.items() if k != "image"}, features=own)
+        other = model(
+            None, K=batch["K"], cam_to_world=batch["cam_to_world"], features=[torch.zeros_like(m) for m in own]
+        )
+    torch.testing.assert_close(a["joints"], b["joints"])
+    torch.testing.assert_close(a["logits"], c["logits"])
+    assert not torch.allclose(a["logits"], other["logits"])  # the features are what the decoder reads (the joints
+    # start as the reference points: the refinement is zero-initialised)
+    feats = [m.clone().requires_grad_(True) for m in own]
+    model.train()
+    model.loss(model(None, K=batch["K"], cam_to_world=batch["cam_to_world"], features=feats), batch)["loss"].backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
+    assert model.backbone.patch_embed.proj.weight.grad is None  # the backbone is not run
+    with pytest.raises(ValueError, match="levels=3 maps"):
+        model(None, K=batch["K"], cam_to_world=batch["cam_to_world"], features=own[:2])
+    with pytest.raises(ValueError, match="features level 1 must be"):
+        model(None, K=batch["K"], cam_to_world=batch["cam_to_world"], features=[own[0], own[1][:, :, :8], own[2]])
+    if attention == "dense":  # its key embedding fixes the map sizes; projective reads any size
+        with pytest.raises(ValueError, match=r"features level 2 must be .*4, 4"):
+            model(None, K=batch["K"], cam_to_world=batch["cam_to_world"], features=[*own[:2], own[1]])
+    else:
+        model(None, K=batch["K"], cam_to_world=batch["cam_to_world"], features=[*own[:2], own[1]])

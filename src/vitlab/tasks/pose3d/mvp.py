@@ -250,23 +250,38 @@ class MvP(VideoTaskModel):
         batch_or_image: torch.Tensor | Mapping[str, Any],
         K: torch.Tensor | None = None,
         cam_to_world: torch.Tensor | None = None,
+        features: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The views (or a batch dict holding them and the cameras), ``K`` (B, V, 3, 3), ``cam_to_world``
-        (B, V, 4, 4) -> ``joints`` (B, N, 15, 3) world, ``logits`` (B, N) and every layer's (``aux_*``)."""
+        (B, V, 4, 4) -> ``joints`` (B, N, 15, 3) world, ``logits`` (B, N) and every layer's (``aux_*``).
+
+        ``features``: precomputed per-view feature levels that replace the backbone and the pyramid (the image is
+        then ignored and may be None), a list of ``levels`` maps (B, V, dim, h_l, w_l); the dense attention needs
+        them at ``level_sizes``. A diagnostic hook: ``benchmarks/mvp_oracle.py`` feeds ground-truth 2-D heatmaps
+        so that only the decoder must learn."""
         image = batch_or_image
         if isinstance(batch_or_image, Mapping):
-            if "image" not in batch_or_image:
+            if "image" not in batch_or_image and features is None:
                 raise ValueError(f"batch has no 'image' (keys: {sorted(batch_or_image)})")
-            image = batch_or_image["image"]
+            image = batch_or_image.get("image")
             K, cam_to_world = batch_or_image.get("K", K), batch_or_image.get("cam_to_world", cam_to_world)
-        self.check_image(image)
+        if features is None:
+            self.check_image(image)
         if K is None or cam_to_world is None:
             raise ValueError("mvp needs the views' cameras: K (B, V, 3, 3) and cam_to_world (B, V, 4, 4), as "
                              "model(image, K=..., cam_to_world=...) or in the batch dict")  # fmt: skip
-        B, V = image.shape[:2]
+        if features is None:
+            B, V = image.shape[:2]
+            dtype = image.dtype
+        else:
+            B, V = self._check_features(features)
+            dtype = features[0].dtype
         check_view_cameras(K, cam_to_world, B, V)
-        K, cam_to_world = K.to(image.dtype), cam_to_world.to(image.dtype)
-        levels = self.pyramid(self.forward_image(image).flatten(0, 1))
+        K, cam_to_world = K.to(dtype), cam_to_world.to(dtype)
+        if features is None:
+            levels = self.pyramid(self.forward_image(image).flatten(0, 1))
+        else:
+            levels = [m.flatten(0, 1) for m in features]
         extra = {}
         if self.heatmap_head is not None:  # 2-D joint evidence read from the features before the rays join them
             extra["heatmaps"] = self._heatmaps(levels).unflatten(0, (B, V))
@@ -289,6 +304,24 @@ class MvP(VideoTaskModel):
             ref = new_ref.detach()
         joints, logits = torch.stack(all_joints), torch.stack(all_logits)
         return {"joints": joints[-1], "logits": logits[-1], "aux_joints": joints, "aux_logits": logits, **extra}
+
+    def _check_features(self, features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> tuple[int, int]:
+        """(B, V) of ``forward``'s precomputed ``features``; a ValueError naming what was expected otherwise."""
+        dim = self.input_proj.out_channels
+        if not isinstance(features, (list, tuple)) or len(features) != self.levels:
+            got = f"{len(features)} map(s)" if isinstance(features, (list, tuple)) else type(features).__name__
+            raise ValueError(f"features must be a list of levels={self.levels} maps (B, V, {dim}, h, w), got {got}")
+        B, V = features[0].shape[:2] if torch.is_tensor(features[0]) and features[0].ndim == 5 else (-1, -1)
+        for i, m in enumerate(features):
+            ok = torch.is_tensor(m) and m.ndim == 5 and tuple(m.shape[:3]) == (B, V, dim) and m.is_floating_point()
+            if ok and self.attention == "dense":  # its key position embedding is sized for these maps
+                ok = tuple(m.shape[-2:]) == tuple(self.level_sizes[i])
+            if not ok:
+                got = f"{tuple(m.shape)} {m.dtype}" if torch.is_tensor(m) else type(m).__name__
+                want = self.level_sizes[i] if self.attention == "dense" else ("h", "w")
+                raise ValueError(f"features level {i} must be a float (B, V, {dim}, {want[0]}, {want[1]}) map with "
+                                 f"the B, V of level 0, got {got}")  # fmt: skip
+        return int(B), int(V)
 
     # ---- loss and metrics ----------------------------------------------------------------------------------------
     def _targets(self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
