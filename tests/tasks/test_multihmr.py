@@ -274,3 +274,23 @@ def test_pa_mpjpe_ignores_a_similarity_but_not_articulation():
     bent = gt.clone()
     bent[5] += torch.tensor([0.0, 0.3, 0.0])  # one joint moved 30 cm: no similarity undoes it
     assert person_errors(bent, gt, root, root)["pa_mpjpe"] > 5
+
+
+def test_yaw_errors_recover_a_rotation_about_up():
+    from vitlab.data.synthetic.humans import forward_kinematics, named_pose
+    from vitlab.tasks.pose3d.multihmr_parts import yaw_errors
+
+    angles = torch.stack([named_pose("walking"), named_pose("t_pose")])
+    world = forward_kinematics(angles, torch.ones(2, 4), torch.zeros(2, 3), torch.tensor([0.3, 2.0]))
+    rel = world - world[:, :1]
+    turned = forward_kinematics(angles, torch.ones(2, 4), torch.zeros(2, 3), torch.tensor([0.3 + 0.5, 2.0 - 2.5]))
+    turned = turned - turned[:, :1]
+    # a camera frame tilted away from the world: the same rotation applied to joints and to the up axis
+    tilt = torch.linalg.matrix_exp(torch.tensor([[0.0, -0.4, 0.2], [0.4, 0.0, -0.7], [-0.2, 0.7, 0.0]]))
+    up = torch.tensor([0.0, 0.0, 1.0]) @ tilt.T
+    out = yaw_errors(turned @ tilt.T, rel @ tilt.T, up.expand(2, 3))
+    torch.testing.assert_close(out["yaw"], torch.tensor([0.5, 2.5]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["mpjpe_yaw"], torch.zeros(2), atol=1e-5, rtol=0)  # undone by the best turn
+    assert float((turned - rel).norm(dim=-1).mean()) > 0.1  # while the plain MPJPE sees the turn
+    with pytest.raises(ValueError, match="up"):
+        yaw_errors(rel, rel, up)

@@ -1,5 +1,6 @@
 """Multi-HMR's parts (paper 35, :mod:`.multihmr`): focal-normalised log-nearness, the CenterNet centre target and
-focal loss, 3x3 max-pool NMS, greedy 2-D matching, the 2-D reprojection loss and the Human Prediction Head's block."""
+focal loss, 3x3 max-pool NMS, greedy 2-D matching, the 2-D reprojection loss, the Human Prediction Head's block and
+a facing (yaw) diagnostic for the evaluation (:func:`yaw_errors`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ __all__ = [
     "person_errors",
     "project_people",
     "reprojection_loss",
+    "yaw_errors",
 ]
 
 MAX_DEPTH = 50.0
@@ -164,3 +166,38 @@ def person_errors(pred_rel: torch.Tensor, gt_rel: torch.Tensor, pred_root: torch
         "depth": 1000 * float((pred_root[2] - gt_root[2]).abs()),
         "mrpe": 1000 * float((pred_root - gt_root).norm()),
     }
+
+
+def _rotate_about(points: torch.Tensor, axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rodrigues: ``points`` (N, J, 3) rotated by ``angle`` (N,) about the unit ``axis`` (N, 3)."""
+    c, s = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    u = axis[:, None].expand_as(points)
+    return points * c + torch.cross(u, points, dim=-1) * s + u * (u * points).sum(-1, keepdim=True) * (1 - c)
+
+
+def yaw_errors(pred_rel: torch.Tensor, gt_rel: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What global orientation (facing) a prediction gets right: a diagnostic for the camera-frame MPJPE.
+
+    ``pred_rel``, ``gt_rel`` (N, 15, 3) root-relative joints, ``up`` (N, 3) the world's up axis in the same frame.
+    Returns per person ``yaw`` (N,) radians in [0, pi]: the angle about ``up`` between the predicted and the true
+    left direction (left minus right hip plus left minus right shoulder, both taken horizontal; 90 deg is chance for
+    facings uniform in 360 deg), ``mpjpe_yaw`` (N,) metres: the MPJPE after the rotation about ``up`` that best
+    fits the prediction to the truth (closed form: the angle of the summed horizontal cross and dot products), and
+    that turned prediction ``aligned`` (N, 15, 3)."""
+    if pred_rel.shape != gt_rel.shape or pred_rel.shape[1:] != (15, 3) or up.shape != (pred_rel.shape[0], 3):
+        raise ValueError(f"yaw_errors needs pred_rel, gt_rel (N, 15, 3) and up (N, 3), got {tuple(pred_rel.shape)}, "
+                         f"{tuple(gt_rel.shape)}, {tuple(up.shape)}")  # fmt: skip
+    up = up / up.norm(dim=-1, keepdim=True)
+
+    def horizontal(v: torch.Tensor) -> torch.Tensor:
+        return v - (v * up[:, None]).sum(-1, keepdim=True) * up[:, None]
+
+    def left(j: torch.Tensor) -> torch.Tensor:  # joints 3 / 6: shoulders, 9 / 12: hips (humans.JOINTS)
+        return horizontal((j[:, 3] - j[:, 6] + j[:, 9] - j[:, 12])[:, None])[:, 0]
+
+    lp, lg = left(pred_rel), left(gt_rel)
+    yaw = torch.atan2((torch.cross(lp, lg, dim=-1) * up).sum(-1), (lp * lg).sum(-1)).abs()
+    hp, hg = horizontal(pred_rel), horizontal(gt_rel)
+    best = torch.atan2((torch.cross(hp, hg, dim=-1) * up[:, None]).sum((-1, -2)), (hp * hg).sum((-1, -2)))
+    aligned = _rotate_about(pred_rel, up, best)
+    return {"yaw": yaw, "mpjpe_yaw": (aligned - gt_rel).norm(dim=-1).mean(-1), "aligned": aligned}
