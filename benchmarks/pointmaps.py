@@ -39,6 +39,7 @@ from vitlab.data.stereo import load_middlebury_pair
 from vitlab.data.synthetic import make_dataset
 from vitlab.tasks import create_task_model
 from vitlab.tasks.multiview import frames_from_render3d, pairs_from_render3d
+from vitlab.tasks.multiview.croco import load_croco
 from vitlab.tasks.multiview.geometry import depth_errors, rotation_angle_deg, track_ground_truth
 from vitlab.tasks.multiview.heads import query_grid
 
@@ -54,8 +55,10 @@ BACKBONE = "vit_micro_patch4_28"
 ENCODER = {"embed_dim": 64, "depth": 4, "num_heads": 2}
 
 
-def load_pairs(split: str, n: int, size: int, stats=None, views: int = 2, spread: float = 60.0):
-    data = make_dataset("render3d", split=split, n=n, views=views, size=size, spread=spread)
+def load_pairs(
+    split: str, n: int, size: int, stats=None, views: int = 2, spread: float = 60.0, fov=(40.0, 75.0), **render
+):  # the default fov is Render3D's: the same samples and cache key as before it was an argument here
+    data = make_dataset("render3d", split=split, n=n, views=views, size=size, spread=spread, fov=fov, **render)
     mean, std = stats or (data.mean, data.std)
     to_batch = pairs_from_render3d if views == 2 else frames_from_render3d
     batch = to_batch(data.collate([data[i] for i in range(len(data))]), mean, std)
@@ -75,9 +78,13 @@ def build(kw: dict, args):
     return create_task_model(task, BACKBONE, img_size=args.size, backbone_kwargs=ENCODER, **kw)
 
 
-def train_one(kw: dict, train: dict, args, seed: int):
+def train_one(kw: dict, train: dict, args, seed: int, init: dict | None = None):
+    """Train a row's model for ``args.steps`` steps; ``init``: a CroCo-pretrained dust3r state to start from
+    (``croco.load_croco``: everything but the heads, which keep this seed's initialisation)."""
     torch.manual_seed(seed)
     model = build(kw, args)
+    if init is not None:
+        load_croco(model, init)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -212,3 +212,111 @@ def test_dpt_head_shapes_and_taps_every_decoder_block():
 def test_bad_head_is_named():
     with pytest.raises(ValueError, match="head must be one of"):
         _model(head="conv")
+
+
+# --- CroCo cross-view completion pretraining (tasks/multiview/croco.py) ---
+
+
+def test_croco_mask_hides_exactly_the_ratio_and_keeps_the_rest():
+    from vitlab.tasks.multiview.croco import random_mask
+
+    mask, keep = random_mask(5, 16, 0.75, torch.Generator().manual_seed(0))
+    assert mask.shape == (5, 16)
+    assert keep.shape == (5, 4)
+    assert (mask.sum(1) == 12).all()
+    for b in range(5):
+        assert keep[b].tolist() == (~mask[b]).nonzero()[:, 0].tolist()  # the unmasked ones, in order
+    with pytest.raises(ValueError, match="mask_ratio"):
+        random_mask(1, 16, 1.0)
+
+
+def test_croco_encoder_sees_the_kept_patches_only():
+    from vitlab.tasks.multiview.croco import encode_visible, random_mask
+
+    model = _model()
+    image = _batch(model)["image"][:, 0]
+    enc = model.encoder
+    full = enc.patch_tokens(enc(image[:, None]))[:, 0]
+    all_kept = torch.arange(16).expand(3, -1)
+    torch.testing.assert_close(encode_visible(enc, image, all_kept), full)  # nothing masked: the plain encoder
+    mask, keep = random_mask(3, 16, 0.75, torch.Generator().manual_seed(1))
+    out = encode_visible(enc, image, keep)
+    # changing the pixels of masked patches changes nothing: they never enter the encoder
+    noisy = image.clone()
+    pix = mask.view(3, 1, 4, 1, 4, 1).expand(3, 3, 4, 4, 4, 4).reshape(3, 3, 16, 16)
+    noisy[pix] = torch.randn(int(pix.sum()))
+    torch.testing.assert_close(encode_visible(enc, noisy, keep), out)
+    assert not torch.allclose(enc.patch_tokens(enc(noisy[:, None]))[:, 0], full)  # (the full encoder does see them)
+
+
+def test_croco_loss_counts_masked_patches_only_against_normalised_pixels():
+    from vitlab.tasks.multiview.croco import masked_patch_loss, normalised_patches, patchify
+
+    img = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).view(2, 3, 4, 4)
+    p = patchify(img, 2)
+    assert p.shape == (2, 4, 12)
+    torch.testing.assert_close(p[0, 1].view(2, 2, 3).permute(2, 0, 1), img[0, :, 0:2, 2:4])  # patch (row 0, col 1)
+    t = normalised_patches(p)
+    torch.testing.assert_close(t.mean(-1), torch.zeros(2, 4))
+    torch.testing.assert_close(t.std(-1), torch.ones(2, 4), atol=1e-4, rtol=0)
+    pred, mask = torch.zeros_like(t), torch.tensor([[True, False, False, False], [False, False, False, True]])
+    pred[~mask] = 100.0  # errors on unmasked patches must not count
+    expected = (t[mask] ** 2).mean()
+    torch.testing.assert_close(masked_patch_loss(pred, t, mask), expected)
+
+
+def test_croco_pretraining_trains_encoder_and_decoders_and_finetuning_starts_from_them():
+    from vitlab.tasks.multiview.croco import CroCoPretrainer, load_croco
+
+    model = _model(head="linear").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pre = CroCoPretrainer(model, mask_ratio=0.75)
+    opt = torch.optim.SGD(pre.parameters(), lr=0.5)
+    image = _batch(model)["image"]
+    for view in (1, 0):
+        loss = pre.loss(image, view, torch.Generator().manual_seed(view))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    for key in ("encoder.backbone.blocks.0.attn.qkv.weight", "embed.weight", "decoders.0.1.cross_attn.q.weight",
+                "decoders.1.1.cross_attn.q.weight"):  # fmt: skip
+        assert not torch.equal(before[key], after[key]), key
+    torch.testing.assert_close(after["heads.0.proj.weight"], before["heads.0.proj.weight"])  # untouched
+    fresh = _model(head="linear")
+    keys = load_croco(fresh, after)
+    assert "heads.0.proj.weight" not in keys
+    for key in keys:
+        torch.testing.assert_close(fresh.state_dict()[key], after[key])
+    no_cross = _model(head="linear", cross_view=False)
+    loaded = load_croco(no_cross, after)
+    assert "decoders.0.0.attn.q.weight" in loaded
+    assert not any("cross_attn" in k for k in loaded)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_croco(_model(head="linear", dec_depth=1), after)
+    with pytest.raises(ValueError, match="cross_view=True"):
+        CroCoPretrainer(no_cross)
+
+
+def test_render3d_shared_orbit_differs_by_azimuth_only_and_leaves_the_default_alone():
+    import numpy as np
+
+    from vitlab.data.synthetic.render3d import sample_orbit_cameras
+
+    def cams(**kw):
+        return sample_orbit_cameras(np.random.default_rng(3), 3, 32, fov=(60.0, 60.0), spread=30.0, **kw)
+
+    plain, same, shared = cams(), cams(shared_orbit=False), cams(shared_orbit=True)
+    torch.testing.assert_close(plain.cam_to_world, same.cam_to_world)
+    torch.testing.assert_close(plain.cam_to_world[0], shared.cam_to_world[0])  # view 1 is untouched
+    c2w = shared.cam_to_world.double()
+    eye, fwd = c2w[:, :3, 3], c2w[:, :3, 2]
+    assert torch.allclose(eye[:, 2], eye[0, 2].expand(3))  # one height
+    pitch = torch.asin(fwd[:, 2])
+    assert torch.allclose(pitch, pitch[0].expand(3), atol=1e-5)
+    # the relative rotation is a turn about the vertical by the azimuth change of the optical axes
+    yaw = torch.atan2(fwd[:, 1], fwd[:, 0])
+    rel = c2w[0, :3, :3].T @ c2w[1:, :3, :3]
+    angle = rotation_angle_deg(torch.eye(3, dtype=torch.float64).expand(2, 3, 3), rel)
+    dyaw = torch.rad2deg(torch.remainder(yaw[1:] - yaw[0] + math.pi, 2 * math.pi) - math.pi).abs()
+    torch.testing.assert_close(angle, dyaw, atol=1e-3, rtol=0)

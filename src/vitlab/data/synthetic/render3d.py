@@ -294,6 +294,7 @@ def sample_orbit_cameras(
     roll: float = 0.0,
     distortion: float = 0.0,
     xi: float = 0.0,
+    shared_orbit: bool = False,
 ) -> Cameras:
     """``views`` cameras 2.5-4.5 m from the centre, 0.6-2.5 m high, looking at a point near it; ``size`` px images.
 
@@ -301,13 +302,20 @@ def sample_orbit_cameras(
     roll uniform in +-``roll`` degrees; ``distortion`` > 0 draws k1 in [-distortion, distortion] (k2 = -k1 / 4 keeps
     strong barrels invertible further out) and ``xi`` > 0 a unified-camera-model xi in [0, xi] (the focal length stays
     the pinhole's for the drawn field of view, so such a lens sees wider). Every draw is made whatever the ranges, so
-    a sample's scene and poses do not change when only the lens ranges do.
+    a sample's scene and poses do not change when only the lens ranges do. ``shared_orbit``: every view takes view
+    1's target, distance (from the target's vertical) and height (drawn as usual, then copied), so views differ by
+    the azimuth change alone (and roll, lens): a pure orbit, the relative rotation a turn about the vertical.
     """
     base = rng.uniform(0, 2 * np.pi)
     azimuth = base + np.radians(rng.uniform(-spread, spread, views)) * (np.arange(views) > 0)
     radius, height = rng.uniform(2.5, 4.5, views), rng.uniform(0.6, 2.5, views)
     eye = np.stack([radius * np.cos(azimuth), radius * np.sin(azimuth), height], -1)
     target = np.concatenate([rng.uniform(-0.4, 0.4, (views, 2)), rng.uniform(0.1, 0.5, (views, 1))], -1)
+    if shared_orbit:  # after the draws: the rng stream, hence everything else, stays as without it
+        target = target[:1].repeat(views, 0)  # view 1's (unchanged); the others turn about the vertical through it
+        offset = eye[0, :2] - target[0, :2]
+        r, phi = np.hypot(*offset), np.arctan2(offset[1], offset[0]) + azimuth - azimuth[0]
+        eye = np.stack([target[:, 0] + r * np.cos(phi), target[:, 1] + r * np.sin(phi), np.full(views, eye[0, 2])], -1)
     pose = look_at(torch.tensor(eye, dtype=torch.float32), torch.tensor(target, dtype=torch.float32))
     spin = axis_angle_to_matrix(
         torch.tensor(np.radians(rng.uniform(-roll, roll, views)), dtype=torch.float32)[:, None]

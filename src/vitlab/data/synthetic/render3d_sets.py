@@ -112,6 +112,7 @@ class _Recipe:
     xi: float
     walls: bool
     supersample: int
+    shared_orbit: bool = False  # only in the cache key when True: the default's key is the one from before it
 
 
 def _validate(split: str, n: int, seed: int, r: _Recipe) -> None:
@@ -149,6 +150,7 @@ def generate_render3d(
     xi: float = 0.0,
     walls: bool = True,
     supersample: int = 1,
+    shared_orbit: bool = False,
     data_dir: str | Path | None = None,
     source: TensorImageDataset | None = None,
     cache: bool = True,
@@ -158,15 +160,18 @@ def generate_render3d(
 
     Scenes come from :func:`.render3d.sample_boxes_scene`, cameras from :func:`.render3d.sample_orbit_cameras`
     (``fov`` in degrees, ``spread`` the azimuth range around view 1 in degrees, ``roll`` degrees, ``distortion`` the
-    largest |k1|, ``xi`` the largest unified-model xi). ``split`` picks the Fashion-MNIST split of the box textures;
+    largest |k1|, ``xi`` the largest unified-model xi, ``shared_orbit`` every view at view 1's target, distance and
+    height: only the azimuth differs). ``split`` picks the Fashion-MNIST split of the box textures;
     ``source`` replaces Fashion-MNIST by gray (N, 1, 28,
     28) items; ``supersample`` s renders RGB with s x s rays per pixel.
     """
     recipe = _Recipe(views, size, max_boxes, (float(fov[0]), float(fov[1])), float(spread), float(roll),
-                     float(distortion), float(xi), bool(walls), supersample)  # fmt: skip
+                     float(distortion), float(xi), bool(walls), supersample, bool(shared_orbit))  # fmt: skip
     _validate(split, n, seed, recipe)
     params = {"generator": "render3d", "version": GENERATOR_VERSION, "split": split, "n": int(n), "seed": int(seed)}
     params |= {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(recipe).items()}
+    if not shared_orbit:
+        del params["shared_orbit"]  # the default leaves the samples and the cache key as they were before it existed
 
     def generate() -> Render3DDataset:
         pool = (source if source is not None else load_fashion_mnist(data_dir, split=split)).images
@@ -189,7 +194,9 @@ def generate_render3d(
                     # a per-sample stream: sample i is the same whatever n is and whichever samples come before it
                     rng = np.random.default_rng([seed, _SPLIT_TAG[split], i, _STREAM])
                     scene, _ = sample_boxes_scene(rng, pool, max_boxes, walls)
-                    cams = sample_orbit_cameras(rng, V, S, recipe.fov, spread, roll, distortion, xi)
+                    cams = sample_orbit_cameras(
+                        rng, V, S, recipe.fov, spread, roll, distortion, xi, recipe.shared_orbit
+                    )
                     out = render(scene, cams, supersample)
                     for k, v in (("views", out["rgb"]), ("depth", out["depth"]), ("normals", out["normals"])):
                         arrays[k][i] = v

@@ -23,6 +23,8 @@ Reconstructed from the review and DUSt3R (Wang et al., CVPR 2024; anchor ``naver
   camera-frame points (``cam_to_world`` of the batch) to its predicted points in view 1's frame, against the true
   relative rotation.
 
+CroCo cross-view completion pretraining (DUSt3R's initialisation) is :mod:`.croco` (it runs :meth:`Dust3R.decode`).
+
 Deviations: DUSt3R's symmetric (2, 1) pass is not run; the DPT head's resampling factors are scaled down for patch-4
 tokens (``heads.dpt_factors``); global alignment of many views is not here (:mod:`.global_align`).
 
@@ -194,15 +196,22 @@ class Dust3R(VideoTaskModel):
         except ValueError as err:
             raise ValueError(f"{err} [dust3r takes a pair of views (B, 2, {self.in_chans}, H, W)]") from None
 
-    def forward_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decode(self, view1: torch.Tensor, view2: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Both decoders on embedded tokens ``(B, N, dec_dim)`` of the two views (one square grid each): per view,
+        its input and every block's output (the last one not yet normed). Also CroCo's pretraining path (.croco)."""
         side = self.img_size // self.patch
-        tokens = self.embed(self.encoder.patch_tokens(self.encoder(image)))  # (B, 2, N, dec_dim)
-        angles = rope_2d_angles(grid_positions((side, side), image.device), tokens.shape[-1] // self.dec_heads)
-        x = [tokens[:, 0], tokens[:, 1]]
+        angles = rope_2d_angles(grid_positions((side, side), view1.device), view1.shape[-1] // self.dec_heads)
+        x = [view1, view2]
         taps: list[list[torch.Tensor]] = [[x[0]], [x[1]]]
         for blk1, blk2 in zip(*self.decoders, strict=True):
             x = [blk1(x[0], x[1], angles), blk2(x[1], x[0], angles)]
             taps[0].append(x[0]), taps[1].append(x[1])
+        return taps
+
+    def forward_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.embed(self.encoder.patch_tokens(self.encoder(image)))  # (B, 2, N, dec_dim)
+        taps = self.decode(tokens[:, 0], tokens[:, 1])
+        x = [taps[0][-1], taps[1][-1]]
         maps = []
         for v in range(2):
             layers = [*taps[v][:-1], self.norms[v](x[v])][-self.heads[v].taps :]
