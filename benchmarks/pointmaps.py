@@ -247,13 +247,25 @@ def _reading(path: Path) -> str:
 
 
 def plot(rows: dict[str, list[dict]], floors_: dict[str, dict], path: Path) -> None:
+    panels = [("pointmap_err", "pointmap err (lower better)"), ("depth_absrel", "Render3D depth AbsRel"),
+              ("rot_err_deg", "rotation err (deg)"), ("mb_absrel", "Middlebury depth AbsRel (dust3r)")]  # fmt: skip
+
+    def floor_lines(key: str) -> list[tuple[float, str]]:
+        what = "constant depth" if "rot" not in key else None
+        return [(floor[key], f"{what or ('single-view' if 'single' in task else 'identity')} ({task})")
+                for task, floor in floors_.items() if key in floor]  # fmt: skip
+
+    bar_panels(rows, panels, floor_lines, path)
+
+
+def bar_panels(rows: dict[str, list[dict]], panels: list[tuple[str, str]], floor_lines, path: Path) -> None:
+    """One panel per metric: a bar per row (the mean over seeds, each seed a dot) and ``floor_lines(key)`` ->
+    ``[(value, label)]`` as horizontal lines. Shared by ``pointmaps_croco.py``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("pointmap_err", "pointmap err (lower better)"), ("depth_absrel", "Render3D depth AbsRel"),
-              ("rot_err_deg", "rotation err (deg)"), ("mb_absrel", "Middlebury depth AbsRel (dust3r)")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0))
     labels = list(rows)
     for ax, (key, title) in zip(axes, panels, strict=True):
@@ -262,10 +274,8 @@ def plot(rows: dict[str, list[dict]], floors_: dict[str, dict], path: Path) -> N
             if values:
                 ax.bar(i, statistics.fmean(values), color=f"C{i}")
                 ax.plot([i] * len(values), values, "k.", ms=4)
-        for j, (task, floor) in enumerate(floors_.items()):
-            if key in floor:
-                what = ("single-view" if "single" in task else "identity") if "rot" in key else "constant depth"
-                ax.axhline(floor[key], color="gray", ls="--" if j == 0 else ":", lw=1, label=f"{what} ({task})")
+        for j, (value, name) in enumerate(floor_lines(key)):
+            ax.axhline(value, color="gray", ls=("--", ":", "-.")[j % 3], lw=1, label=name)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
         ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
@@ -275,14 +285,14 @@ def plot(rows: dict[str, list[dict]], floors_: dict[str, dict], path: Path) -> N
     plt.close(fig)
 
 
-def read_csv(path: Path) -> dict[str, list[dict]]:
-    """Runs of an earlier CSV of this script (floors left out), for ``--keep``."""
+def read_csv(path: Path, columns: list[str] = COLUMNS) -> dict[str, list[dict]]:
+    """Runs of an earlier CSV of this script (floors, which have no seed, left out), for ``--keep``."""
     rows: dict[str, list[dict]] = {}
     if path.exists():
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                if not r["row"].startswith("floor"):
-                    values = {k: float(r[k]) for k in COLUMNS if r.get(k) not in (None, "")}
+                if r["seed"] != "":
+                    values = {k: float(r[k]) for k in columns if r.get(k) not in (None, "")}
                     rows.setdefault(r["row"], []).append({"seed": int(r["seed"]), **values})
     return rows
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from pointmaps import ENCODER, build, evaluate, floors, load_pairs, single_view_floor, train_one
+from pointmaps import ENCODER, bar_panels, build, evaluate, floors, load_pairs, read_csv, single_view_floor, train_one
 from task_fit import cell
 from vitlab.bench import describe_machine
 from vitlab.layers.camera import invert_pose, transform_points
@@ -230,42 +229,13 @@ def write(rows: dict, floor: dict, args, meta: dict) -> None:
 
 
 def plot(rows: dict, floor: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [("rot_err_deg", "rotation err (deg)"), ("az_err_deg", "azimuth-change err (deg)"),
               ("az_slope", "azimuth slope (1 = learnt)"), ("depth_absrel", "depth AbsRel")]  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0))
-    labels = list(rows)
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        for i, label in enumerate(labels):
-            values = [r[key] for r in rows[label] if r.get(key) is not None]
-            if values:
-                ax.bar(i, statistics.fmean(values), color=f"C{i}")
-                ax.plot([i] * len(values), values, "k.", ms=4)
-        for j, (name, values) in enumerate(floor.items()):
-            if values.get(key) is not None:
-                ax.axhline(values[key], color="gray", ls=("--", ":", "-.")[j % 3], lw=1, label=name[:28])
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=5)
-        ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=30)
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
+    def floor_lines(key: str) -> list[tuple[float, str]]:
+        return [(values[key], name[:28]) for name, values in floor.items() if values.get(key) is not None]
 
-def read_csv(path: Path) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {}
-    if path.exists():
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                if r["seed"] != "":
-                    values = {k: float(r[k]) for k in COLUMNS if r.get(k) not in (None, "")}
-                    rows.setdefault(r["row"], []).append({"seed": int(r["seed"]), **values})
-    return rows
+    bar_panels(rows, panels, floor_lines, path)
 
 
 def _cache_name(args, seed: int) -> str:
@@ -327,7 +297,7 @@ def main() -> None:
                 fresh.load_state_dict(torch.load(cache, weights_only=True)["state"])
                 print(f"seed {seed} CroCo-pretrained: attention/azimuth corr per block {attention_probe(fresh, test)}")
         return
-    rows = read_csv(args.out / f"{args.name}.csv") if args.keep else {}
+    rows = read_csv(args.out / f"{args.name}.csv", COLUMNS) if args.keep else {}
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "params": {}}
     meta["kept"] = sorted(f"{label} seed {r['seed']}" for label, runs in rows.items() for r in runs)
     for task in ("dust3r", "vggt"):
