@@ -242,3 +242,23 @@ def test_bad_input_errors(items, tmp_path):
         Render3DDataset(*(torch.zeros(1) for _ in range(8)))
     with pytest.raises(cam.CameraError, match="not a rotation"):
         Cameras(torch.eye(3), torch.diag(torch.tensor([1.0, 1.0, -1.0, 1.0])), (8, 8))
+
+
+def test_render3d_shared_orbit_differs_by_azimuth_only_and_leaves_the_default_alone():
+    def cams(**kw):
+        return r3d.sample_orbit_cameras(np.random.default_rng(3), 3, 32, fov=(60.0, 60.0), spread=30.0, **kw)
+
+    plain, same, shared = cams(), cams(shared_orbit=False), cams(shared_orbit=True)
+    torch.testing.assert_close(plain.cam_to_world, same.cam_to_world)
+    torch.testing.assert_close(plain.cam_to_world[0], shared.cam_to_world[0])  # view 1 is untouched
+    c2w = shared.cam_to_world.double()
+    eye, fwd = c2w[:, :3, 3], c2w[:, :3, 2]
+    assert torch.allclose(eye[:, 2], eye[0, 2].expand(3))  # one height
+    pitch = torch.asin(fwd[:, 2])
+    assert torch.allclose(pitch, pitch[0].expand(3), atol=1e-5)
+    # the relative rotation is a turn about the vertical by the azimuth change of the optical axes
+    yaw = torch.atan2(fwd[:, 1], fwd[:, 0])
+    rel = c2w[0, :3, :3].T @ c2w[1:, :3, :3]
+    angle = torch.rad2deg(torch.acos(((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)))
+    dyaw = torch.rad2deg(torch.remainder(yaw[1:] - yaw[0] + math.pi, 2 * math.pi) - math.pi).abs()
+    torch.testing.assert_close(angle, dyaw, atol=1e-3, rtol=0)

@@ -296,27 +296,3 @@ def test_croco_pretraining_trains_encoder_and_decoders_and_finetuning_starts_fro
         load_croco(_model(head="linear", dec_depth=1), after)
     with pytest.raises(ValueError, match="cross_view=True"):
         CroCoPretrainer(no_cross)
-
-
-def test_render3d_shared_orbit_differs_by_azimuth_only_and_leaves_the_default_alone():
-    import numpy as np
-
-    from vitlab.data.synthetic.render3d import sample_orbit_cameras
-
-    def cams(**kw):
-        return sample_orbit_cameras(np.random.default_rng(3), 3, 32, fov=(60.0, 60.0), spread=30.0, **kw)
-
-    plain, same, shared = cams(), cams(shared_orbit=False), cams(shared_orbit=True)
-    torch.testing.assert_close(plain.cam_to_world, same.cam_to_world)
-    torch.testing.assert_close(plain.cam_to_world[0], shared.cam_to_world[0])  # view 1 is untouched
-    c2w = shared.cam_to_world.double()
-    eye, fwd = c2w[:, :3, 3], c2w[:, :3, 2]
-    assert torch.allclose(eye[:, 2], eye[0, 2].expand(3))  # one height
-    pitch = torch.asin(fwd[:, 2])
-    assert torch.allclose(pitch, pitch[0].expand(3), atol=1e-5)
-    # the relative rotation is a turn about the vertical by the azimuth change of the optical axes
-    yaw = torch.atan2(fwd[:, 1], fwd[:, 0])
-    rel = c2w[0, :3, :3].T @ c2w[1:, :3, :3]
-    angle = rotation_angle_deg(torch.eye(3, dtype=torch.float64).expand(2, 3, 3), rel)
-    dyaw = torch.rad2deg(torch.remainder(yaw[1:] - yaw[0] + math.pi, 2 * math.pi) - math.pi).abs()
-    torch.testing.assert_close(angle, dyaw, atol=1e-3, rtol=0)
