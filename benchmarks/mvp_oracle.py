@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -50,7 +49,7 @@ from mvp import (
     rig_frame,
     take_views,
 )
-from task_fit import cell, write_csv
+from task_fit import cell, train, write_csv
 from vitlab.layers.camera import invert_pose, project, transform_points
 from vitlab.tasks import create_task_model
 from vitlab.tasks.pose3d.mvp_parts import joint_heatmaps, match_people
@@ -113,39 +112,21 @@ def evaluate(oracle: OracleMvP, data: dict) -> dict[str, float]:
 
 
 def fit(oracle: OracleMvP, data: dict, test: dict, args, seed: int, curve: list) -> float:
-    """``task_fit.train``'s loop (AdamW, linear warmup, cosine decay, clipping at 1) that also scores ``test`` every
-    ``--eval-every`` steps into ``curve`` (the mean training loss since the last point too); returns the training
-    wall time (s, evaluations excluded)."""
-    params = [p for p in oracle.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
-    total, warm = args.steps, max(1, args.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
-    loader, step, epoch, secs, losses = Batches(data, args.batch, seed), 0, 0, 0.0, []
-    while step < total:
-        for b in loader.iter_batches(epoch):
-            oracle.train()
-            t0 = time.perf_counter()
-            loss = oracle.loss(oracle(b["image"], **oracle.forward_kwargs(b)), b)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            secs += time.perf_counter() - t0
-            losses.append(float(loss.detach()))
-            step += 1
-            if args.eval_every and step % args.eval_every == 0 and step < total:
-                res = evaluate(oracle, test)
-                curve.append({"step": step, "loss": sum(losses) / len(losses), **res})
-                losses = []
-                print(" ", step, {k: round(v, 1) for k, v in curve[-1].items()}, flush=True)
-            if step >= total:
-                break
-        epoch += 1
-    curve.append({"step": step, "loss": sum(losses) / max(1, len(losses))})
-    return secs
+    """``task_fit.train`` that also scores ``test`` every ``--eval-every`` steps into ``curve`` (with the mean
+    training loss since the last point); returns the training wall time (s, evaluations excluded)."""
+    losses: list[float] = []
+
+    def after_step(step: int, loss: float) -> None:
+        losses.append(loss)
+        if step == args.steps:
+            curve.append({"step": step, "loss": sum(losses) / len(losses)})
+        elif args.eval_every and step % args.eval_every == 0:
+            curve.append({"step": step, "loss": sum(losses) / len(losses), **evaluate(oracle, test)})
+            losses.clear()
+            print(" ", step, {k: round(v, 1) for k, v in curve[-1].items()}, flush=True)
+
+    loader = Batches(data, args.batch, seed)
+    return train(oracle, None, 0, args.lr, args.batch, seed, steps=args.steps, loader=loader, after_step=after_step)
 
 
 def write(args, rows: dict, started: str, command: str, ref: tuple[list[str], dict]) -> None:

@@ -16,10 +16,13 @@ import torch
 from vitlab.data.loader import BatchLoader
 
 
-def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: int = 0, loader=None) -> float:
+def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: int = 0, loader=None,
+          after_step=None) -> float:  # fmt: skip
     """Train ``model`` on ``data`` for ``steps`` (else ``epochs`` of batches); returns the wall time (s).
 
     ``loader`` (anything with ``len`` and ``iter_batches(epoch)``) replaces the shuffled ``BatchLoader`` of ``data``.
+    ``after_step(step, loss)`` runs after every step (e.g. a learning curve); its time is not counted, and the model
+    is put back in training mode after it.
     """
     loader = loader or BatchLoader(data, batch, shuffle=True, seed=seed)
     total = steps or max(1, round(epochs * len(loader)))
@@ -30,7 +33,7 @@ def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: i
         optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     model.train()
-    t0, step, epoch = time.perf_counter(), 0, 0
+    t0, step, epoch, outside = time.perf_counter(), 0, 0, 0.0
     while step < total:
         for b in loader.iter_batches(epoch):
             loss = model.loss(model(b["image"], **model.forward_kwargs(b)), b)["loss"]
@@ -40,10 +43,15 @@ def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: i
             optimizer.step()
             schedule.step()
             step += 1
+            if after_step is not None:
+                t1 = time.perf_counter()
+                after_step(step, float(loss.detach()))
+                model.train()
+                outside += time.perf_counter() - t1
             if step >= total:
                 break
         epoch += 1
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0 - outside
 
 
 def cell(values: list, digits: int = 1, sign: bool = False) -> str:
