@@ -191,12 +191,13 @@ def write(rows: dict, floor: dict, args, meta: dict) -> None:
     digits = {"pointmap_err": 3, "depth_absrel": 3, "az_corr": 2, "az_slope": 2, "pre_match": 3, "pre_shuffled": 3,
               "pre_s": 0, "train_s": 0}  # fmt: skip
     lines = [
-        "# Feed-forward pointmaps (paper 37): CroCo pretraining vs scratch, the azimuth change (cross-view pose)",
+        "# Feed-forward pointmaps (paper 37): is the azimuth change (cross-view pose) learnt? Scratch, CroCo, ablation",
         "",
         f"Date {meta['date']}, torch {torch.__version__}. Command: `python benchmarks/pointmaps_croco.py "
         f"{' '.join(sys.argv[1:])}`. Data: Render3D (`make_dataset('render3d', size={args.size}, "
         f"spread={args.spread:g}, fov={tuple(args.fov)}"
         + (", shared_orbit=True" if args.shared_orbit else "")
+        + (", pan=True" if args.pan else "")
         + f")`: views within ±{args.spread:g} deg of azimuth of view 1, "
         f"FoV {args.fov[0]:g}-{args.fov[1]:g} deg), "
         f"{args.n} training / {args.test_n} test pairs. Models: `pointmaps.py`'s (encoder `vit_micro_patch4_28` "
@@ -241,7 +242,8 @@ def plot(rows: dict, floor: dict, path: Path) -> None:
 def _cache_name(args, seed: int) -> str:
     return (
         f"croco_s{seed}_p{args.pre_steps}_b{args.pre_batch}_lr{args.pre_lr:g}_m{args.mask_ratio:g}_sp{args.spread:g}"
-        f"_fov{args.fov[0]:g}-{args.fov[1]:g}_o{int(args.shared_orbit)}_n{args.n}_d{args.dec_depth}.pt"
+        f"_fov{args.fov[0]:g}-{args.fov[1]:g}_o{int(args.shared_orbit)}{'_pan' if args.pan else ''}_n{args.n}"
+        f"_d{args.dec_depth}.pt"
     )
 
 
@@ -260,6 +262,7 @@ def main() -> None:
     p.add_argument("--mask-ratio", type=float, default=0.9)
     p.add_argument("--fov", type=float, nargs=2, default=[40.0, 75.0], help="Render3D's field-of-view range (deg)")
     p.add_argument("--shared-orbit", action="store_true", help="Render3D's pure-orbit regime (azimuth change only)")
+    p.add_argument("--pan", action="store_true", help="Render3D's panning regime (one eye, azimuth change only)")
     p.add_argument("--pre-dir", type=Path, default=Path("/tmp/pointmaps_croco"), help="cache of pretrained states")
     p.add_argument("--dec-depth", type=int, default=2)
     p.add_argument("--camera-weight", type=float, default=10.0)
@@ -274,7 +277,7 @@ def main() -> None:
     args.views = 2  # vggt rows: 2 frames, like the pairs
     torch.set_num_threads(args.threads)
     fov = tuple(args.fov)
-    render = {"shared_orbit": True} if args.shared_orbit else {}  # left out by default: the usual cache key
+    render = {k: True for k in ("shared_orbit", "pan") if getattr(args, k)}  # left out by default: the usual cache key
     train, mean, std = load_pairs("train", args.n, args.size, spread=args.spread, fov=fov, **render)
     test, _, _ = load_pairs("test", args.test_n, args.size, (mean, std), spread=args.spread, fov=fov, **render)
     c2w = test["cam_to_world"]
@@ -332,6 +335,7 @@ def main() -> None:
             print(f"  {result}", flush=True)
             rows.setdefault(label, []).append(result)
             write(rows, floor, args, meta)
+    write(rows, floor, args, meta)  # also when every run was kept (CSVs of parallel processes merged by hand)
 
 
 if __name__ == "__main__":

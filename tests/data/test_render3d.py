@@ -262,3 +262,29 @@ def test_render3d_shared_orbit_differs_by_azimuth_only_and_leaves_the_default_al
     angle = torch.rad2deg(torch.acos(((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)))
     dyaw = torch.rad2deg(torch.remainder(yaw[1:] - yaw[0] + math.pi, 2 * math.pi) - math.pi).abs()
     torch.testing.assert_close(angle, dyaw, atol=1e-3, rtol=0)
+
+
+def test_render3d_pan_turns_one_eye_about_the_vertical_and_rejects_a_second_motion(tmp_cache):
+    def cams(**kw):
+        return r3d.sample_orbit_cameras(np.random.default_rng(5), 3, 32, fov=(60.0, 60.0), spread=30.0, **kw)
+
+    plain, pan = cams(), cams(pan=True)
+    torch.testing.assert_close(plain.cam_to_world[0, :3, 3], pan.cam_to_world[0, :3, 3])  # view 1's eye is kept
+    torch.testing.assert_close(plain.K, pan.K)  # the lens draws come first: unchanged
+    assert not torch.allclose(plain.cam_to_world[0, :3, 2], pan.cam_to_world[0, :3, 2])  # the rig turns as a whole
+    c2w = pan.cam_to_world.double()
+    eye, fwd = c2w[:, :3, 3], c2w[:, :3, 2]
+    torch.testing.assert_close(eye, eye[:1].expand(3, 3))  # one eye: no baseline
+    pitch = torch.asin(fwd[:, 2])
+    assert torch.allclose(pitch, pitch[0].expand(3), atol=1e-5)
+    # the pan angles are the azimuth draws: view 2's turn equals the orbit's azimuth change of the plain draw
+    yaw = torch.atan2(fwd[:, 1], fwd[:, 0])
+    eye_plain = plain.cam_to_world[:, :3, 3].double()
+    orbit = torch.atan2(eye_plain[:, 1], eye_plain[:, 0])
+    wrap = lambda a: torch.remainder(a + math.pi, 2 * math.pi) - math.pi  # noqa: E731
+    torch.testing.assert_close(wrap(yaw[1:] - yaw[0]), wrap(orbit[1:] - orbit[0]), atol=1e-5, rtol=0)
+    assert (wrap(yaw[1:] - yaw[0]).abs() > 1e-3).all()  # the views do turn
+    with pytest.raises(ValueError, match="pick at most one"):
+        cams(pan=True, shared_orbit=True)
+    with pytest.raises(ValueError, match="pick at most one"):
+        generate_render3d("train", 2, size=16, pan=True, shared_orbit=True, cache=False)

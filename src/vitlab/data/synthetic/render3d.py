@@ -295,6 +295,7 @@ def sample_orbit_cameras(
     distortion: float = 0.0,
     xi: float = 0.0,
     shared_orbit: bool = False,
+    pan: bool = False,
 ) -> Cameras:
     """``views`` cameras 2.5-4.5 m from the centre, 0.6-2.5 m high, looking at a point near it; ``size`` px images.
 
@@ -305,7 +306,12 @@ def sample_orbit_cameras(
     a sample's scene and poses do not change when only the lens ranges do. ``shared_orbit``: every view takes view
     1's target, distance (from the target's vertical) and height (drawn as usual, then copied), so views differ by
     the azimuth change alone (and roll, lens): a pure orbit, the relative rotation a turn about the vertical.
+    ``pan``: every view at view 1's eye, turned about the vertical by the azimuth changes drawn as usual (a camera
+    panning on a tripod: no baseline, so no parallax), then the whole rig by one more draw, uniform over the circle:
+    otherwise view 2 alone would tell its turn, by how far from the room's centre it looks.
     """
+    if shared_orbit and pan:
+        raise ValueError("shared_orbit and pan are two different camera motions: pick at most one")
     base = rng.uniform(0, 2 * np.pi)
     azimuth = base + np.radians(rng.uniform(-spread, spread, views)) * (np.arange(views) > 0)
     radius, height = rng.uniform(2.5, 4.5, views), rng.uniform(0.6, 2.5, views)
@@ -316,6 +322,11 @@ def sample_orbit_cameras(
         offset = eye[0, :2] - target[0, :2]
         r, phi = np.hypot(*offset), np.arctan2(offset[1], offset[0]) + azimuth - azimuth[0]
         eye = np.stack([target[:, 0] + r * np.cos(phi), target[:, 1] + r * np.sin(phi), np.full(views, eye[0, 2])], -1)
+    if pan:  # after the draws too
+        look, turn = target[0] - eye[0], azimuth - azimuth[0]
+        c, s = np.cos(turn), np.sin(turn)
+        target = eye[0] + np.stack([c * look[0] - s * look[1], s * look[0] + c * look[1], np.full(views, look[2])], -1)
+        eye = eye[:1].repeat(views, 0)
     pose = look_at(torch.tensor(eye, dtype=torch.float32), torch.tensor(target, dtype=torch.float32))
     spin = axis_angle_to_matrix(
         torch.tensor(np.radians(rng.uniform(-roll, roll, views)), dtype=torch.float32)[:, None]
@@ -326,4 +337,6 @@ def sample_orbit_cameras(
     k1 = rng.uniform(-distortion, distortion, views)
     dist = torch.tensor(np.stack([k1, -k1 / 4, 0 * k1, 0 * k1, 0 * k1], -1), dtype=torch.float32)
     xis = torch.tensor(rng.uniform(0, xi, views), dtype=torch.float32)
+    if pan:  # the last draw: the other motions' streams are unchanged
+        pose[:, :3, :3] = axis_angle_to_matrix(torch.tensor([0.0, 0.0, rng.uniform(-np.pi, np.pi)])) @ pose[:, :3, :3]
     return Cameras(K, pose, (size, size), dist, xis)

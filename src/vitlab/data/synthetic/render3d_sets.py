@@ -112,7 +112,8 @@ class _Recipe:
     xi: float
     walls: bool
     supersample: int
-    shared_orbit: bool = False  # only in the cache key when True: the default's key is the one from before it
+    shared_orbit: bool = False  # these two are only in the cache key when True: the default's key is the old one
+    pan: bool = False
 
 
 def _validate(split: str, n: int, seed: int, r: _Recipe) -> None:
@@ -133,6 +134,8 @@ def _validate(split: str, n: int, seed: int, r: _Recipe) -> None:
     _check_range("distortion", r.distortion, 0, 0.5)
     _check_range("xi", r.xi, 0, 1)
     _check_range("supersample", r.supersample, 1, 4)
+    if r.shared_orbit and r.pan:
+        raise ValueError("shared_orbit=True and pan=True: two different camera motions, pick at most one")
 
 
 def generate_render3d(
@@ -151,6 +154,7 @@ def generate_render3d(
     walls: bool = True,
     supersample: int = 1,
     shared_orbit: bool = False,
+    pan: bool = False,
     data_dir: str | Path | None = None,
     source: TensorImageDataset | None = None,
     cache: bool = True,
@@ -161,17 +165,18 @@ def generate_render3d(
     Scenes come from :func:`.render3d.sample_boxes_scene`, cameras from :func:`.render3d.sample_orbit_cameras`
     (``fov`` in degrees, ``spread`` the azimuth range around view 1 in degrees, ``roll`` degrees, ``distortion`` the
     largest |k1|, ``xi`` the largest unified-model xi, ``shared_orbit`` every view at view 1's target, distance and
-    height: only the azimuth differs). ``split`` picks the Fashion-MNIST split of the box textures;
-    ``source`` replaces Fashion-MNIST by gray (N, 1, 28,
-    28) items; ``supersample`` s renders RGB with s x s rays per pixel.
+    height: only the azimuth differs, ``pan`` every view at view 1's eye, turned about the vertical). ``split`` picks
+    the Fashion-MNIST split of the box textures; ``source`` replaces Fashion-MNIST by gray (N, 1, 28, 28) items;
+    ``supersample`` s renders RGB with s x s rays per pixel.
     """
     recipe = _Recipe(views, size, max_boxes, (float(fov[0]), float(fov[1])), float(spread), float(roll),
-                     float(distortion), float(xi), bool(walls), supersample, bool(shared_orbit))  # fmt: skip
+                     float(distortion), float(xi), bool(walls), supersample, bool(shared_orbit), bool(pan))  # fmt: skip
     _validate(split, n, seed, recipe)
     params = {"generator": "render3d", "version": GENERATOR_VERSION, "split": split, "n": int(n), "seed": int(seed)}
     params |= {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(recipe).items()}
-    if not shared_orbit:
-        del params["shared_orbit"]  # the default leaves the samples and the cache key as they were before it existed
+    for option in ("shared_orbit", "pan"):
+        if not params[option]:
+            del params[option]  # the default leaves the samples and the cache key as they were before it existed
 
     def generate() -> Render3DDataset:
         pool = (source if source is not None else load_fashion_mnist(data_dir, split=split)).images
@@ -195,7 +200,7 @@ def generate_render3d(
                     rng = np.random.default_rng([seed, _SPLIT_TAG[split], i, _STREAM])
                     scene, _ = sample_boxes_scene(rng, pool, max_boxes, walls)
                     cams = sample_orbit_cameras(
-                        rng, V, S, recipe.fov, spread, roll, distortion, xi, recipe.shared_orbit
+                        rng, V, S, recipe.fov, spread, roll, distortion, xi, recipe.shared_orbit, recipe.pan
                     )
                     out = render(scene, cams, supersample)
                     for k, v in (("views", out["rgb"]), ("depth", out["depth"]), ("normals", out["normals"])):
