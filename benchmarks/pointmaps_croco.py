@@ -190,8 +190,7 @@ def write(rows: dict, floor: dict, args, meta: dict) -> None:
     head = ("| row | n | pointmap err | depth AbsRel | rot err ° | az err ° | az corr | az slope | rest err ° "
             "| vggt pts az err ° | vggt pts az slope | pre match | pre shuffled | pretrain s | train s |")  # fmt: skip
     digits = {"pointmap_err": 3, "depth_absrel": 3, "az_corr": 2, "az_slope": 2, "pts_az_slope": 2, "pre_match": 3,
-              "pre_shuffled": 3,
-              "pre_s": 0, "train_s": 0}  # fmt: skip
+              "pre_shuffled": 3, "pre_s": 0, "train_s": 0}  # fmt: skip
     lines = [
         "# Feed-forward pointmaps (paper 37): is the azimuth change (cross-view pose) learnt? Scratch, CroCo, ablation",
         "",
