@@ -13,6 +13,7 @@ from vitlab.layers.dit import (
     DiTOutputLayer,
     LabelEmbedder,
     TimestepEmbedder,
+    patchify,
     timestep_embedding,
     unpatchify,
 )
@@ -99,12 +100,15 @@ def test_label_embedder_has_a_null_class():
         emb(torch.tensor([11]))
 
 
-def test_unpatchify_inverts_patchify():
+def test_patchify_and_unpatchify_match_unfold_and_invert_each_other():
     image = torch.randn(2, 3, 12, 8)
     p = 4
     # reference patchify: unfold gives (B, C*p*p, L) with C outermost; reorder to DiT's (p, p, C) per patch
     patches = F.unfold(image, p, stride=p).transpose(1, 2).reshape(2, -1, 3, p, p).permute(0, 1, 3, 4, 2)
     assert torch.equal(unpatchify(patches.reshape(2, 6, -1), (3, 2), p, 3), image)
+    assert torch.equal(patchify(image, p), patches.reshape(2, 6, -1))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        patchify(image, 5)
 
 
 def test_output_layer_is_zero_at_init():

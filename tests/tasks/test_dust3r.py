@@ -250,7 +250,8 @@ def test_croco_encoder_sees_the_kept_patches_only():
 
 
 def test_croco_loss_counts_masked_patches_only_against_normalised_pixels():
-    from vitlab.tasks.multiview.croco import masked_patch_loss, normalised_patches, patchify
+    from vitlab.layers.dit import patchify
+    from vitlab.tasks.multiview.croco import masked_patch_loss, normalised_patches
 
     img = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).view(2, 3, 4, 4)
     p = patchify(img, 2)

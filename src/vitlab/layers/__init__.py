@@ -158,6 +158,7 @@ from .dit import (
     LabelEmbedder,
     TimestepEmbedder,
     modulate,
+    patchify,
     timestep_embedding,
     unpatchify,
 )
@@ -168,6 +169,7 @@ __all__ += [
     "LabelEmbedder",
     "TimestepEmbedder",
     "modulate",
+    "patchify",
     "timestep_embedding",
     "unpatchify",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "LabelEmbedder",
     "TimestepEmbedder",
     "modulate",
+    "patchify",
     "timestep_embedding",
     "unpatchify",
 ]
@@ -166,6 +167,17 @@ class DiTOutputLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.ada_ln(c).chunk(2, dim=-1)
         return self.proj(modulate(self.norm(x), shift, scale))
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H/p * W/p, p*p*C)`` patch pixels (row-major patches of ``(p, p, C)``): the inverse
+    of :func:`unpatchify` (MAE- and CroCo-style pixel targets)."""
+    B, C, H, W = images.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image size {(H, W)} must be a multiple of the patch size {p}")
+    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
 def unpatchify(x: torch.Tensor, grid: Grid, patch_size: int, chans: int) -> torch.Tensor:

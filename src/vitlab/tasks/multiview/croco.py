@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from ...layers.dit import patchify
 from ..video.frames import FrameEncoder
 from .dust3r import Dust3R
 
@@ -40,7 +41,6 @@ __all__ = [
     "load_croco",
     "masked_patch_loss",
     "normalised_patches",
-    "patchify",
     "random_mask",
 ]
 
@@ -61,15 +61,6 @@ def random_mask(
     keep = order[:, masked:].sort(1).values
     mask = torch.ones(batch, num_patches, dtype=torch.bool).scatter(1, keep, False)
     return mask.to(device), keep.to(device)
-
-
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """Images (B, C, H, W) -> patches (B, N, patch * patch * C), row-major like a ViT's patch tokens."""
-    B, C, H, W = images.shape
-    if H % patch or W % patch:
-        raise ValueError(f"image size {(H, W)} must be a multiple of the patch size {patch}")
-    x = images.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
 def normalised_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from ...layers.camera import axis_angle_to_matrix
+
 __all__ = [
     "MAX_DEPTH",
     "HPHBlock",
@@ -168,13 +170,6 @@ def person_errors(pred_rel: torch.Tensor, gt_rel: torch.Tensor, pred_root: torch
     }
 
 
-def _rotate_about(points: torch.Tensor, axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Rodrigues: ``points`` (N, J, 3) rotated by ``angle`` (N,) about the unit ``axis`` (N, 3)."""
-    c, s = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    u = axis[:, None].expand_as(points)
-    return points * c + torch.cross(u, points, dim=-1) * s + u * (u * points).sum(-1, keepdim=True) * (1 - c)
-
-
 def yaw_errors(pred_rel: torch.Tensor, gt_rel: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
     """What global orientation (facing) a prediction gets right: a diagnostic for the camera-frame MPJPE.
 
@@ -199,5 +194,5 @@ def yaw_errors(pred_rel: torch.Tensor, gt_rel: torch.Tensor, up: torch.Tensor) -
     yaw = torch.atan2((torch.cross(lp, lg, dim=-1) * up).sum(-1), (lp * lg).sum(-1)).abs()
     hp, hg = horizontal(pred_rel), horizontal(gt_rel)
     best = torch.atan2((torch.cross(hp, hg, dim=-1) * up[:, None]).sum((-1, -2)), (hp * hg).sum((-1, -2)))
-    aligned = _rotate_about(pred_rel, up, best)
+    aligned = pred_rel @ axis_angle_to_matrix(up * best[:, None]).transpose(-1, -2)
     return {"yaw": yaw, "mpjpe_yaw": (aligned - gt_rel).norm(dim=-1).mean(-1), "aligned": aligned}

@@ -267,15 +267,13 @@ class MvP(VideoTaskModel):
             K, cam_to_world = batch_or_image.get("K", K), batch_or_image.get("cam_to_world", cam_to_world)
         if features is None:
             self.check_image(image)
-        if K is None or cam_to_world is None:
-            raise ValueError("mvp needs the views' cameras: K (B, V, 3, 3) and cam_to_world (B, V, 4, 4), as "
-                             "model(image, K=..., cam_to_world=...) or in the batch dict")  # fmt: skip
-        if features is None:
-            B, V = image.shape[:2]
-            dtype = image.dtype
+            (B, V), dtype = image.shape[:2], image.dtype
         else:
             B, V = self._check_features(features)
             dtype = features[0].dtype
+        if K is None or cam_to_world is None:
+            raise ValueError("mvp needs the views' cameras: K (B, V, 3, 3) and cam_to_world (B, V, 4, 4), as "
+                             "model(image, K=..., cam_to_world=...) or in the batch dict")  # fmt: skip
         check_view_cameras(K, cam_to_world, B, V)
         K, cam_to_world = K.to(dtype), cam_to_world.to(dtype)
         if features is None:
