@@ -16,7 +16,6 @@ unmasking), RGB->depth AbsRel (decoded, valid pixels), semseg->RGB token accurac
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from task_fit import cell, write_csv  # shared table helpers (this directory is on sys.path)
+from task_fit import cell, warmup_cosine, write_csv  # shared table helpers (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.data.synthetic.fmnist_scenes_3d import generate_fmnist_scenes_3d
 from vitlab.tasks import create_task_model
@@ -74,10 +73,7 @@ def fit(model, tokens: dict, steps: int, batch: int, lr: float, seed: int) -> fl
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    sched = warmup_cosine(opt, steps, max(1, steps // 10))
     n = len(next(iter(tokens.values())))
     model.train()
     t0 = time.perf_counter()

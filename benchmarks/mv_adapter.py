@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from task_fit import cell, write_csv  # the shared table helpers (this directory is on sys.path)
+from task_fit import cell, warmup_cosine, write_csv  # the shared table helpers (this directory is on sys.path)
 from vitlab.data.fashion_mnist import load_fashion_mnist
 from vitlab.engine.checkpoint import save_weights
 from vitlab.layers.adapters import trainable_parameters
@@ -55,10 +54,7 @@ def fit(model, step_fn, steps: int, lr: float) -> float:
     """AdamW on the trainable parameters, warmup + cosine, clipping at 1; returns seconds per step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    sched = warmup_cosine(opt, steps, max(1, steps // 10))
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):

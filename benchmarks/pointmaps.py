@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from task_fit import cell  # the shared table cell (this directory is on sys.path)
+from task_fit import cell, warmup_cosine  # the shared table cell (this directory is on sys.path)
 from vitlab.bench import describe_machine
 from vitlab.data.stereo import load_middlebury_pair
 from vitlab.data.synthetic import make_dataset
@@ -86,10 +85,7 @@ def train_one(kw: dict, train: dict, args, seed: int, init: dict | None = None):
     if init is not None:
         load_croco(model, init)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    warm = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
-    )
+    sched = warmup_cosine(opt, args.steps, max(1, args.steps // 20))
     g = torch.Generator().manual_seed(seed)
     n = train["image"].shape[0]
     order = torch.randperm(n, generator=g)

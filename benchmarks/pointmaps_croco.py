@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from pointmaps import ENCODER, bar_panels, build, evaluate, floors, load_pairs, read_csv, single_view_floor, train_one
-from task_fit import cell
+from task_fit import cell, warmup_cosine
 from vitlab.bench import describe_machine
 from vitlab.layers.camera import invert_pose, transform_points
 from vitlab.layers.pos_embed import apply_rope
@@ -141,11 +141,7 @@ def pretrain(train: dict, args, seed: int) -> tuple[dict, float]:
     model = build({"dec_depth": args.dec_depth}, args)
     pre = CroCoPretrainer(model, args.mask_ratio).train()
     opt = torch.optim.AdamW(pre.parameters(), lr=args.pre_lr, weight_decay=0.05)
-    warm = max(1, args.pre_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.pre_steps) / args.pre_steps)),
-    )
+    sched = warmup_cosine(opt, args.pre_steps, max(1, args.pre_steps // 20))
     g = torch.Generator().manual_seed(1000 + seed)
     n = train["image"].shape[0]
     start = time.perf_counter()

@@ -16,6 +16,13 @@ import torch
 from vitlab.data.loader import BatchLoader
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, total: int, warm: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The benchmarks' schedule: linear warm-up over ``warm`` steps, times a cosine from 1 to 0 over ``total``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+
+
 def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: int = 0, loader=None,
           after_step=None) -> float:  # fmt: skip
     """Train ``model`` on ``data`` for ``steps`` (else ``epochs`` of batches); returns the wall time (s).
@@ -28,10 +35,7 @@ def train(model, data, epochs: float, lr: float, batch: int, seed: int, steps: i
     total = steps or max(1, round(epochs * len(loader)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    warm = max(1, total // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    schedule = warmup_cosine(optimizer, total, max(1, total // 10))
     model.train()
     t0, step, epoch, outside = time.perf_counter(), 0, 0, 0.0
     while step < total:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import math
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from task_fit import cell  # the shared table cell (this directory is on sys.path)
+from task_fit import cell, warmup_cosine  # the shared table cell (this directory is on sys.path)
 from vitlab.data.synthetic.render3d_sets import generate_render3d
 from vitlab.tasks import create_task_model
 from vitlab.tasks.multiview.ucpe import CAMERA_KEYS, ENCODINGS, nvs_batch
@@ -57,10 +56,7 @@ def batches(data: dict[str, torch.Tensor], size: int, perm: torch.Tensor | None 
 def fit(model, data, steps: int, lr: float, batch: int, seed: int) -> float:
     """AdamW, linear warmup and cosine decay, gradient clipping at 1 (as ``task_fit.train``); returns seconds."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    sched = warmup_cosine(opt, steps, max(1, steps // 10))
     g, step, t0 = torch.Generator().manual_seed(seed), 0, time.perf_counter()
     model.train()
     while step < steps:
