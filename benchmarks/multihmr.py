@@ -31,6 +31,7 @@ import torch
 
 from task_fit import cell, train, write_csv  # shared loop and table helpers (this directory is on sys.path)
 from vitlab.data.synthetic.humans_sets import GENERATOR_VERSION, generate_stick_humans
+from vitlab.layers.camera import axis_angle_to_matrix
 from vitlab.tasks import create_task_model
 from vitlab.tasks.pose3d import batch_from_humans
 from vitlab.tasks.pose3d.multihmr import depth_to_nearness, nearness_to_depth
@@ -103,9 +104,7 @@ def _upright(people: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     axis = torch.cross(up, z, dim=-1)
     angle = torch.atan2(axis.norm(dim=-1), (up * z).sum(-1))
     axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-9)
-    c, s = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    u = axis[:, None].expand_as(people)
-    return people * c + torch.cross(u, people, dim=-1) * s + u * (u * people).sum(-1, keepdim=True) * (1 - c)
+    return people @ axis_angle_to_matrix(axis * angle[:, None]).transpose(-1, -2)
 
 
 def facing_oracle_floor(train_people: torch.Tensor, train_up: torch.Tensor, test_people, test_up) -> float:
