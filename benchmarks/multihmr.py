@@ -46,6 +46,9 @@ ROWS = {
     "ray": ("ray embedding (HPH)", {"ray_embed": True}),
     "mlp": ("ray embedding (MLP head)", {"ray_embed": True, "head": "mlp"}),
     "noreproj": ("ray embedding (HPH), no 2-D loss", {"ray_embed": True, "w_reproj": 0.0}),
+    "rot": ("rotations, ray embedding (HPH)", {"ray_embed": True, "pose": "rotations"}),
+    "rot_noray": ("rotations, no ray embedding (HPH)", {"ray_embed": False, "pose": "rotations"}),
+    "rot_mlp": ("rotations, ray embedding (MLP head)", {"ray_embed": True, "head": "mlp", "pose": "rotations"}),
 }
 
 

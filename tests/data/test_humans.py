@@ -20,11 +20,13 @@ from vitlab.data.synthetic.humans import (
     bone_lengths,
     forward_kinematics,
     joint_radii,
+    local_rotations,
     named_pose,
     render_humans,
     sample_people,
     sample_pose,
     sample_room_cameras,
+    skeleton_from_rotations,
 )
 from vitlab.data.synthetic.humans_sets import HumansDataset, generate_stick_humans
 from vitlab.layers.camera import Cameras, unproject
@@ -55,6 +57,21 @@ def test_forward_kinematics_keeps_bone_lengths_and_turns_with_yaw():
     c, s = yaw.cos()[:, None], yaw.sin()[:, None]
     turned = torch.stack([c * base[..., 0] - s * base[..., 1], s * base[..., 0] + c * base[..., 1], base[..., 2]], -1)
     torch.testing.assert_close(joints - root[:, None], turned, atol=1e-5, rtol=1e-5)
+
+
+def test_skeleton_from_rotations_is_the_kinematic_tree_in_the_body_frame():
+    angles, shape, root, yaw = _random_people(1)
+    body = skeleton_from_rotations(local_rotations(angles), shape)
+    torch.testing.assert_close(body, forward_kinematics(angles, shape, torch.zeros_like(root), torch.zeros_like(yaw)))
+    # any batch shape, and gradients reach rotations and shape
+    local = local_rotations(angles).unsqueeze(0).expand(2, -1, -1, -1, -1).clone().requires_grad_()
+    s = shape.unsqueeze(0).expand(2, -1, -1).clone().requires_grad_()
+    out = skeleton_from_rotations(local, s)
+    assert out.shape == (2, len(angles), 15, 3)
+    out.square().sum().backward()
+    assert local.grad.abs().sum() > 0
+    assert s.grad.abs().sum() > 0
+    assert float(local.grad[..., 0, :, :].abs().max()) == 0  # the root's row is not used
 
 
 def test_rest_and_named_pose_geometry():

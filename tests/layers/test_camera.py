@@ -161,6 +161,17 @@ def test_random_rotations_and_axis_angle_are_rotations():
     torch.testing.assert_close(Rz @ torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
 
 
+def test_rotation_6d_round_trip_and_any_input_gives_a_rotation():
+    R = cam.random_rotation(32, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(cam.rotation_6d_to_matrix(cam.matrix_to_rotation_6d(R)), R, atol=1e-5, rtol=0)
+    a = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))
+    M = cam.rotation_6d_to_matrix(a)
+    cam.check_pose(cam.pose_from_rt(M, torch.zeros(32, 3)))
+    # Gram-Schmidt keeps the first column's direction and the second's plane
+    torch.testing.assert_close(M[..., 0], a[:, :3] / a[:, :3].norm(dim=-1, keepdim=True), atol=1e-6, rtol=0)
+    assert bool(((M[..., 1] * a[:, 3:]).sum(-1) > 0).all())
+
+
 def test_errors_on_bad_cameras():
     with pytest.raises(CameraError, match="singular"):
         cam.check_intrinsics(cam.intrinsics_matrix(0.0, 10.0, 5.0, 5.0))

@@ -23,9 +23,9 @@ def _model(**kw):
     return create_task_model("multihmr", "vit_micro_patch4_28", backbone_kwargs={"depth": 1}, **kw)
 
 
-@pytest.mark.parametrize("head", ["hph", "mlp"])
-def test_shapes_teacher_forced_and_detected(head):
-    model = _model(head=head).train()
+@pytest.mark.parametrize(("head", "pose"), [("hph", "joints"), ("mlp", "joints"), ("hph", "rotations")])
+def test_shapes_teacher_forced_and_detected(head, pose):
+    model = _model(head=head, pose=pose).train()
     batch = model.example_batch(3, torch.Generator().manual_seed(1))
     out = model(batch["image"], **model.forward_kwargs(batch))
     assert out["score_logits"].shape == (3, 4, 4)
@@ -34,6 +34,7 @@ def test_shapes_teacher_forced_and_detected(head):
     assert out["det_joints_rel"].shape == (3, 3, 15, 3)
     assert out["gt_nearness"].shape == out["det_depth"].shape == (3, 3)
     assert torch.equal(out["gt_joints_rel"][:, :, 0], torch.zeros(3, 3, 3))  # root-relative
+    assert ("gt_orient" in out) == (pose == "rotations")
     preds = model.postprocess(out)
     assert preds["joints_cam"].shape == batch["joints_cam"].shape
     assert preds["joints_2d"].shape == batch["joints_2d"].shape
@@ -107,6 +108,47 @@ def test_loss_terms_on_a_tiny_case():
     with torch.no_grad():
         losses = no_2d.loss(no_2d(batch["image"], **no_2d.forward_kwargs(batch)), {**batch, "joints_2d": None})
     assert "reproj" not in losses
+
+
+def test_rotation_output_goes_through_the_kinematic_tree_and_its_losses():
+    from vitlab.data.synthetic.humans import skeleton_from_rotations
+
+    model = _model(pose="rotations").train()
+    batch = model.example_batch(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(batch["image"], **model.forward_kwargs(batch))
+        losses = model.loss(out, batch)
+    eye = torch.eye(3).expand(2, 3, 1, 3, 3)
+    local = torch.cat([eye, out["gt_local_rot"]], 2)
+    want = skeleton_from_rotations(local, out["gt_shape"]) @ out["gt_orient"].transpose(-1, -2)
+    torch.testing.assert_close(out["gt_joints_rel"], want)
+    m = batch["person_mask"].float()
+    err = torch.cat([(out["gt_orient"] - batch["orient"]).abs().mean((-1, -2))[..., None],
+                     (out["gt_local_rot"] - batch["local_rot"][:, :, 1:]).abs().mean((-1, -2))], -1)  # fmt: skip
+    assert losses["rotations"] == pytest.approx(float((err.mean(-1) * m).sum() / m.sum()), rel=1e-5)
+    l_shape = ((out["gt_shape"] - batch["shape"]).abs().mean(-1) * m).sum() / m.sum()
+    assert losses["shape"] == pytest.approx(float(l_shape), rel=1e-5)
+    parts = losses["focal"] + losses["offset"] + 5 * losses["joints"] + losses["nearness"] + 5 * losses["reproj"]
+    assert losses["loss"] == pytest.approx(float(parts + losses["rotations"] + losses["shape"]), rel=1e-5)
+    # the truth costs nothing in the body terms
+    truth = {**batch, "orient": out["gt_orient"], "local_rot": local, "shape": out["gt_shape"]}
+    zero = model.loss(out, truth)
+    assert float(zero["rotations"]) < 1e-6
+    assert float(zero["shape"]) < 1e-6
+    with pytest.raises(ValueError, match="batch\\['orient'\\]"):
+        model.loss(out, {k: v for k, v in batch.items() if k != "orient"})
+    # a zero head starts from an upright person of shape 1 facing the camera: head above the pelvis (image up is
+    # -y), the person's left shoulder on the image's right (+x), the chest nearer than the back would be
+    torch.nn.init.zeros_(model.out.weight)
+    torch.nn.init.zeros_(model.out.bias)
+    with torch.no_grad():
+        rest = model(batch["image"], **model.forward_kwargs(batch))["gt_joints_rel"][0, 0]
+    head, l_sh, r_sh = rest[2], rest[3], rest[6]
+    assert head[1] < -0.5
+    assert abs(float(head[0])) < 1e-6
+    assert l_sh[0] > 0 > r_sh[0]
+    with pytest.raises(ValueError, match="pose must be one of"):
+        _model(pose="smplx")
 
 
 def _tiny_reprojection_case():
@@ -231,6 +273,7 @@ def test_perfect_detections_score_full_f1_and_zero_error():
 
 
 def test_batch_from_humans_agrees_with_the_set_and_draws(tmp_path):
+    from vitlab.data.synthetic.humans import skeleton_from_rotations
     from vitlab.data.synthetic.humans_sets import generate_stick_humans
     from vitlab.tasks.pose3d.draw import project_skeletons
     from vitlab.tasks.pose3d.multihmr import batch_from_humans
@@ -252,6 +295,10 @@ def test_batch_from_humans_agrees_with_the_set_and_draws(tmp_path):
     norm = batch_from_humans(raw, data.mean, data.std, view=1)["image"]
     assert norm.dtype == torch.float32
     assert norm.mean().abs() < 1.5
+    # the body targets (orientation in this camera's frame, bone rotations, shape) rebuild the camera-frame joints
+    rel = skeleton_from_rotations(batch["local_rot"], batch["shape"]) @ batch["orient"].transpose(-1, -2)
+    joints = batch["joints_cam"]
+    torch.testing.assert_close(rel[mask], (joints - joints[:, :, :1])[mask], atol=1e-5, rtol=0)
     behind = project_skeletons(torch.tensor([[[0.0, 0.0, -1.0]] * 15]), batch["K"][0])
     assert torch.isnan(behind).all()
 

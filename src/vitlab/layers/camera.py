@@ -38,11 +38,13 @@ __all__ = [
     "intrinsics_matrix",
     "invert_pose",
     "look_at",
+    "matrix_to_rotation_6d",
     "pixel_grid",
     "plucker",
     "pose_from_rt",
     "project",
     "random_rotation",
+    "rotation_6d_to_matrix",
     "transform_points",
     "undistort",
     "unproject",
@@ -226,6 +228,19 @@ def axis_angle_to_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
     cross = torch.stack([zero, -kz, ky, kz, zero, -kx, -ky, kx, zero], -1).unflatten(-1, (3, 3))
     s, c = angle.sin()[..., None], angle.cos()[..., None]
     return torch.eye(3, dtype=k.dtype, device=k.device) + s * cross + (1 - c) * (cross @ cross)
+
+
+def rotation_6d_to_matrix(a: torch.Tensor) -> torch.Tensor:
+    """Rotations (..., 3, 3) from the 6-D representation (..., 6) = the first two columns, Gram-Schmidt
+    orthonormalised (Zhou et al., CVPR 2019: continuous, so a network or Adam can regress it)."""
+    b1 = torch.nn.functional.normalize(a[..., :3], dim=-1)
+    b2 = torch.nn.functional.normalize(a[..., 3:] - (b1 * a[..., 3:]).sum(-1, keepdim=True) * b1, dim=-1)
+    return torch.stack([b1, b2, torch.linalg.cross(b1, b2, dim=-1)], -1)
+
+
+def matrix_to_rotation_6d(R: torch.Tensor) -> torch.Tensor:
+    """The 6-D representation (..., 6) of rotations (..., 3, 3): their first two columns."""
+    return torch.cat([R[..., :, 0], R[..., :, 1]], -1)
 
 
 def random_rotation(

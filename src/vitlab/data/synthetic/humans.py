@@ -40,11 +40,13 @@ __all__ = [
     "bone_lengths",
     "forward_kinematics",
     "joint_radii",
+    "local_rotations",
     "named_pose",
     "render_humans",
     "sample_people",
     "sample_pose",
     "sample_room_cameras",
+    "skeleton_from_rotations",
 ]
 
 JOINTS = (
@@ -174,21 +176,37 @@ def joint_radii(shape: torch.Tensor) -> torch.Tensor:
     return at * shape[:, :1]
 
 
+def local_rotations(angles: torch.Tensor) -> torch.Tensor:
+    """Each bone's rotation in its parent's frame (..., 15, 3, 3) from joint angles (..., 15, 3) (Euler z-y-x)."""
+    return _euler(angles)
+
+
+def skeleton_from_rotations(local: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """Root-relative joints (..., 15, 3) in the body frame (x forward, y left, z up) of people with bone rotations
+    ``local`` (..., 15, 3, 3) in their parents' frames (row 0, the root's, is not used) and shape (..., 4).
+
+    Differentiable in both: a task head that regresses rotations and shape (Multi-HMR's SMPL-X parametrisation)
+    gets its joints from here.
+    """
+    unit = torch.tensor([b[0] for b in _BONES], dtype=local.dtype, device=local.device)
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp(min=1e-9)
+    offsets = unit * bone_lengths(shape.reshape(-1, shape.shape[-1])).view(*shape.shape[:-1], NUM_JOINTS)[..., None]
+    rot = [torch.eye(3, dtype=local.dtype, device=local.device).expand_as(local[..., 0, :, :])]
+    pos = [torch.zeros_like(offsets[..., 0, :])]
+    for j in range(1, NUM_JOINTS):
+        p = PARENTS[j]
+        rot.append(rot[p] @ local[..., j, :, :])
+        pos.append(pos[p] + (rot[j] @ offsets[..., j, :, None])[..., 0])
+    return torch.stack(pos, -2)
+
+
 def forward_kinematics(angles: torch.Tensor, shape: torch.Tensor, root: torch.Tensor, yaw: torch.Tensor):
     """World joints (P, 15, 3) of people with angles (P, 15, 3), shape (P, 4), pelvis ``root`` (P, 3), ``yaw`` (P,)."""
     _check_people(angles, shape)
-    unit = torch.tensor([b[0] for b in _BONES])
-    unit = unit / unit.norm(dim=-1, keepdim=True).clamp(min=1e-9)
-    offsets = unit * bone_lengths(shape)[..., None]  # (P, 15, 3)
-    local = _euler(angles)
     zero = torch.zeros_like(yaw)
-    rot = [_euler(torch.stack([zero, zero, yaw], -1))]
-    pos = [root]
-    for j in range(1, NUM_JOINTS):
-        p = PARENTS[j]
-        rot.append(rot[p] @ local[:, j])
-        pos.append(pos[p] + (rot[j] @ offsets[:, j, :, None])[..., 0])
-    return torch.stack(pos, 1)
+    turn = _euler(torch.stack([zero, zero, yaw], -1))  # (P, 3, 3) about world z
+    body = skeleton_from_rotations(local_rotations(angles), shape)
+    return root[:, None] + body @ turn.transpose(-1, -2)
 
 
 def sample_people(rng: np.random.Generator, count: int, area: float = 1.3, min_gap: float = 0.7) -> dict:

@@ -48,9 +48,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ...layers.camera import intrinsics_matrix, invert_pose, pixel_grid, pose_from_rt, transform_points, unproject
+from ...layers.camera import (
+    intrinsics_matrix,
+    invert_pose,
+    matrix_to_rotation_6d,
+    pixel_grid,
+    pose_from_rt,
+    rotation_6d_to_matrix,
+    transform_points,
+    unproject,
+)
 from .geometry import rotation_angle_deg, umeyama
 
 __all__ = [
@@ -97,17 +105,6 @@ class Alignment:
 def all_edges(num_views: int) -> list[tuple[int, int]]:
     """Every unordered pair ``(i, j)``, ``i < j``, of ``num_views`` views."""
     return list(itertools.combinations(range(num_views), 2))
-
-
-def _rotation_6d(a: torch.Tensor) -> torch.Tensor:
-    """(..., 6) -> rotations (..., 3, 3): the 6-D representation (Zhou et al., CVPR 2019), continuous for Adam."""
-    b1 = F.normalize(a[..., :3], dim=-1)
-    b2 = F.normalize(a[..., 3:] - (b1 * a[..., 3:]).sum(-1, keepdim=True) * b1, dim=-1)
-    return torch.stack([b1, b2, torch.linalg.cross(b1, b2, dim=-1)], -1)
-
-
-def _to_6d(R: torch.Tensor) -> torch.Tensor:
-    return torch.cat([R[..., :, 0], R[..., :, 1]], -1)
 
 
 def _similarity(src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -267,14 +264,14 @@ def global_align(
         s_cam, R_cam, t_cam = X.new_ones(V), torch.eye(3).expand(V, 3, 3).to(X), X.new_zeros(V, 3)
     focal = _fit_focal(own_pts, own_w)
     log_s = s_e.log().clone().requires_grad_()
-    rot_e, trans_e = _to_6d(R_e).clone().requires_grad_(), t_e.clone().requires_grad_()
+    rot_e, trans_e = matrix_to_rotation_6d(R_e).clone().requires_grad_(), t_e.clone().requires_grad_()
     if parameterisation == "pointmaps":
         chi_p = chi.clone().requires_grad_()
         params = [chi_p]
     else:
         depth0 = (s_cam[:, None, None] * own_pts[..., 2]).clamp_min(1e-3 * float(own_pts[..., 2].abs().mean()))
         log_depth = depth0.log().clone().requires_grad_()
-        rot_c, trans_c = _to_6d(R_cam).clone().requires_grad_(), t_cam.clone().requires_grad_()
+        rot_c, trans_c = matrix_to_rotation_6d(R_cam).clone().requires_grad_(), t_cam.clone().requires_grad_()
         log_f = focal.log().clone().requires_grad_()
         params = [log_depth, rot_c, trans_c, log_f]
         grid = pixel_grid(H, W, X.dtype, X.device)
@@ -286,12 +283,12 @@ def global_align(
         f = log_f.exp()
         K = intrinsics_matrix(f, f, *centre)
         cam, _ = unproject(grid, K[:, None, None], depth=log_depth.exp())
-        R = _rotation_6d(rot_c)
+        R = rotation_6d_to_matrix(rot_c)
         return _apply(None, R, trans_c, cam), pose_from_rt(R, trans_c), f
 
     def objective() -> torch.Tensor:
         sigma = (log_s - log_s.mean()).exp()  # prod sigma_e = 1: no collapse to sigma = 0, chi = 0
-        mapped = _apply(sigma, _rotation_6d(rot_e), trans_e, X.flatten(1, 2)).view_as(X)
+        mapped = _apply(sigma, rotation_6d_to_matrix(rot_e), trans_e, X.flatten(1, 2)).view_as(X)
         dist = ((world()[0][idx] - mapped).pow(2).sum(-1) + 1e-12).sqrt()  # (E, 2, H, W); sqrt: safe grad at 0
         return (conf * dist).sum() / vw.sum()
 
@@ -321,7 +318,7 @@ def global_align(
         pts = transform_points(to0, pts)
         c2w = to0 @ c2w
         sigma = (log_s - log_s.mean()).exp()
-        edge_pose = to0 @ pose_from_rt(_rotation_6d(rot_e), trans_e)
+        edge_pose = to0 @ pose_from_rt(rotation_6d_to_matrix(rot_e), trans_e)
         depth = transform_points(invert_pose(c2w)[:, None, None], pts)[..., 2]
         f = focal
         K = intrinsics_matrix(f, f, X.new_tensor(W / 2), X.new_tensor(H / 2))

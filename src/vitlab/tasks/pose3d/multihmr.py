@@ -57,7 +57,17 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
-from ...layers.camera import check_intrinsics, intrinsics_from_fov, invert_pose, transform_points
+from ...data.synthetic.humans import NUM_JOINTS, local_rotations, skeleton_from_rotations
+from ...layers.camera import (
+    axis_angle_to_matrix,
+    check_intrinsics,
+    intrinsics_from_fov,
+    invert_pose,
+    matrix_to_rotation_6d,
+    random_rotation,
+    rotation_6d_to_matrix,
+    transform_points,
+)
 from ...layers.camera_embed import FourierRayEmbed
 from ...models import Paper
 from .._backbone import PlainViTTrunk
@@ -97,8 +107,11 @@ __all__ = [
 ]
 
 PAPER = Paper(35, "Multi-HMR: Multi-Person Whole-Body Human Mesh Recovery in a Single Shot", "2402.14654", "")
-NUM_JOINTS = 15
 HEADS = ("hph", "mlp")
+POSE_OUTPUTS = ("rotations", "joints")
+# a person standing upright and facing the camera, its body axes (x forward, y left, z up) as columns in the
+# OpenCV camera frame: the rotation head's starting point (the paper adds its outputs to mean SMPL-X parameters)
+_FACING_CAMERA = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]])
 CAMERA_KEYS = ("K", "centre_2d", "person_mask")
 
 
@@ -108,6 +121,9 @@ class MultiHMR(TaskModel):
     Args:
         head_dim, hph_depth, hph_heads: the heads' width, HPH blocks, attention heads.
         head: "hph" (Human Prediction Head) or "mlp" (the MLP on the person's token).
+        pose: "rotations" (the paper's parametrisation: the body's orientation in the camera frame and each bone's
+            rotation in 6-D, and the 4 shape parameters, through the stick figure's kinematic tree) or "joints"
+            (the 15 root-relative joints regressed directly).
         ray_embed: concatenate the Fourier-coded token rays (False: no camera information reaches the heads).
         ray_bands, ray_max_resolution: the Fourier code's bands and top frequency (``FourierRayEmbed``).
         max_people: queries at inference (the best peaks after NMS).
@@ -115,11 +131,12 @@ class MultiHMR(TaskModel):
             default img_size / 8).
         w_offset, w_joints, w_depth, w_reproj: loss weights (``w_reproj``: the 2-D reprojection loss; 0 turns it off
             and the batch then needs no 2-D joints).
+        w_rot, w_shape: weights of the L1 losses on the rotation matrices and the shape (``pose="rotations"``).
     """
 
     task_name = "multihmr"
     batch_keys = ("image", "K", "centre_2d", "person_mask")
-    target_keys = ("joints_cam", "joints_2d", "joints_vis")
+    target_keys = ("joints_cam", "joints_2d", "joints_vis", "orient", "local_rot", "shape")
     primary_metric = "mpjpe"
     higher_is_better = False
 
@@ -132,6 +149,7 @@ class MultiHMR(TaskModel):
         img_size: int,
         backbone_kwargs: dict[str, Any] | None = None,
         head: str = "hph",
+        pose: str = "joints",
         ray_embed: bool = True,
         head_dim: int = 64,
         hph_depth: int = 2,
@@ -146,9 +164,13 @@ class MultiHMR(TaskModel):
         w_joints: float = 5.0,
         w_depth: float = 1.0,
         w_reproj: float = 5.0,
+        w_rot: float = 1.0,
+        w_shape: float = 1.0,
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if pose not in POSE_OUTPUTS:
+            raise ValueError(f"pose must be one of {POSE_OUTPUTS}, got {pose!r}")
         if max_people < 1 or hph_depth < 1 or head_dim % hph_heads:
             raise ValueError(f"need max_people >= 1, hph_depth >= 1, hph_heads dividing head_dim; got "
                              f"{max_people}, {hph_depth}, {hph_heads}/{head_dim}")  # fmt: skip
@@ -162,6 +184,7 @@ class MultiHMR(TaskModel):
         self.threshold, self.sigma = threshold, sigma
         self.match_px = float(match_px) if match_px is not None else img_size / 8
         self.weights = (w_offset, w_joints, w_depth, w_reproj)
+        self.pose, self.w_rot, self.w_shape = pose, w_rot, w_shape
         D = self.trunk.embed_dim
         self.rays = FourierRayEmbed(D, ray_bands, ray_max_resolution) if ray_embed else None
         self.proj = nn.Sequential(nn.Linear(self.rays.out_dim if ray_embed else D, head_dim), nn.LayerNorm(head_dim))
@@ -174,7 +197,11 @@ class MultiHMR(TaskModel):
             self.norm = nn.LayerNorm(head_dim)
         else:
             self.mlp = Mlp(head_dim, 2 * head_dim, head_dim)
-        self.out = nn.Linear(head_dim, NUM_JOINTS * 3 + 1)
+        if pose == "rotations":  # 6-D orientation, 6-D per bone (not the root's), 4 shape; added to a start
+            start = torch.cat([matrix_to_rotation_6d(_FACING_CAMERA),
+                               matrix_to_rotation_6d(torch.eye(3)).repeat(NUM_JOINTS - 1), torch.ones(4)])  # fmt: skip
+            self.register_buffer("pose_start", start, persistent=False)
+        self.out = nn.Linear(head_dim, (6 * NUM_JOINTS + 4 if pose == "rotations" else 3 * NUM_JOINTS) + 1)
 
     # ---- cameras -------------------------------------------------------------------------------------------------
     def forward_kwargs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,25 +283,41 @@ class MultiHMR(TaskModel):
         else:
             q = self.mlp(q)
         raw = self.out(q)
-        joints = raw[..., :-1].reshape(B, Q, NUM_JOINTS, 3)
-        joints = joints - joints[:, :, :1]  # root-relative by construction
         nearness = raw[..., -1]
+        body = {}
+        if self.pose == "rotations":
+            params = raw[..., :-1] + self.pose_start
+            rot = rotation_6d_to_matrix(params[..., : 6 * NUM_JOINTS].unflatten(-1, (NUM_JOINTS, 6)))
+            body = {"orient": rot[:, :, 0], "local_rot": rot[:, :, 1:], "shape": params[..., 6 * NUM_JOINTS :]}
+            local = torch.cat([torch.eye(3, dtype=rot.dtype, device=rot.device).expand_as(rot[:, :, :1]),
+                               rot[:, :, 1:]], 2)  # fmt: skip
+            joints = skeleton_from_rotations(local, body["shape"]) @ body["orient"].transpose(-1, -2)
+        else:
+            joints = raw[..., :-1].reshape(B, Q, NUM_JOINTS, 3)
+            joints = joints - joints[:, :, :1]  # root-relative by construction
         focal = K[:, None, 0, 0]
         depth = nearness_to_depth(nearness, focal, float(self.img_size))
         uv1 = torch.cat([centre, torch.ones_like(centre[..., :1])], -1)
         ray = uv1 @ torch.linalg.inv(K).transpose(-1, -2)
         root = ray * depth[..., None]
-        return {"joints_rel": joints, "nearness": nearness, "depth": depth, "root": root, "centre": centre}
+        return {"joints_rel": joints, "nearness": nearness, "depth": depth, "root": root, "centre": centre, **body}
 
     # ---- loss and metrics ----------------------------------------------------------------------------------------
     def _targets(
-        self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any], two_d: bool = False
+        self,
+        output: Mapping[str, torch.Tensor],
+        batch: Mapping[str, Any],
+        two_d: bool = False,
+        rotations: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         B = output["score_logits"].shape[0]
         specs = (("K", (3, 3), torch.float32), ("centre_2d", (2,), torch.float32), ("person_mask", (), torch.bool),
                  ("joints_cam", (NUM_JOINTS, 3), torch.float32))  # fmt: skip
         if two_d:
             specs += (("joints_2d", (NUM_JOINTS, 2), torch.float32), ("joints_vis", (NUM_JOINTS,), torch.bool))
+        if rotations:
+            specs += (("orient", (3, 3), torch.float32), ("local_rot", (NUM_JOINTS, 3, 3), torch.float32),
+                      ("shape", (4,), torch.float32))  # fmt: skip
         for key, tail, dtype in specs:
             v = batch.get(key)
             ok = torch.is_tensor(v) and v.dtype == dtype and v.shape[0] == B
@@ -286,7 +329,7 @@ class MultiHMR(TaskModel):
 
     def loss(self, output: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         w_off, w_joints, w_depth, w_reproj = self.weights
-        K, centres, mask, joints = self._targets(output, batch, two_d=w_reproj > 0)
+        K, centres, mask, joints = self._targets(output, batch, two_d=w_reproj > 0, rotations=self.pose == "rotations")
         if "gt_joints_rel" not in output:
             raise ValueError("multihmr's loss needs the teacher-forced outputs: call the model with centre_2d and "
                              "person_mask (model(image, **model.forward_kwargs(batch)))")  # fmt: skip
@@ -305,6 +348,17 @@ class MultiHMR(TaskModel):
         l_depth = ((output["gt_nearness"] - n_gt).abs() * m).sum() / npeople
         total = focal + w_off * l_off + w_joints * l_joints + w_depth * l_depth
         losses = {"focal": focal, "offset": l_off, "joints": l_joints, "nearness": l_depth}
+        if self.pose == "rotations":  # the paper's L1 on the body-model parameters (rotation matrices, shape)
+            rot_err = torch.cat(
+                [
+                    (output["gt_orient"] - batch["orient"]).abs().mean((-1, -2))[..., None],
+                    (output["gt_local_rot"] - batch["local_rot"][:, :, 1:]).abs().mean((-1, -2)),
+                ],
+                -1,
+            )
+            losses["rotations"] = (rot_err.mean(-1) * m).sum() / npeople
+            losses["shape"] = ((output["gt_shape"] - batch["shape"]).abs().mean(-1) * m).sum() / npeople
+            total = total + self.w_rot * losses["rotations"] + self.w_shape * losses["shape"]  # fmt: skip
         if w_reproj > 0:
             # §3.3's 2-D loss: the person placed from the predicted offset at its true cell, the predicted depth and
             # its joints, projected with K, against the visible 2-D joints of the people present
@@ -377,7 +431,8 @@ class MultiHMR(TaskModel):
 
     def example_batch(self, batch_size: int = 2, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Random images, random focal lengths (50-70 deg), ``max_people`` slots with 1..max_people people at
-        random centres and random root-relative skeletons 2-5 m away, back-projected consistently with K."""
+        random centres 2-5 m away, back-projected consistently with K, with random orientations, bone rotations
+        and shapes and the root-relative skeletons they make."""
         g = generator if generator is not None else torch.Generator().manual_seed(0)
         B, P, S = batch_size, self.max_people, self.img_size
         image = torch.randn(B, self.in_chans, S, S, generator=g)
@@ -388,13 +443,17 @@ class MultiHMR(TaskModel):
         z = 2 + 3 * torch.rand(B, P, generator=g)
         uv1 = torch.cat([centre, torch.ones(B, P, 1)], -1)
         root = (uv1 @ torch.linalg.inv(K).transpose(-1, -2)) * z[..., None]
-        rel = 0.3 * torch.randn(B, P, NUM_JOINTS, 3, generator=g)
-        joints = (root[:, :, None] + rel - rel[:, :, :1]) * mask[..., None, None]
+        orient = random_rotation(B * P, generator=g).view(B, P, 3, 3)
+        local = axis_angle_to_matrix(0.3 * torch.randn(B, P, NUM_JOINTS, 3, generator=g))
+        shape = 1 + 0.05 * torch.randn(B, P, 4, generator=g)
+        rel = skeleton_from_rotations(local, shape) @ orient.transpose(-1, -2)
+        joints = (root[:, :, None] + rel) * mask[..., None, None]
         uv = joints @ K[:, None].transpose(-1, -2)
         uv = uv[..., :2] / uv[..., 2:].clamp_min(1e-6)
         vis = mask[..., None] & (torch.rand(B, P, NUM_JOINTS, generator=g) < 0.8)
         return {"image": image, "K": K, "centre_2d": centre * mask[..., None], "person_mask": mask,
-                "joints_cam": joints, "joints_2d": uv * vis[..., None], "joints_vis": vis}  # fmt: skip
+                "joints_cam": joints, "joints_2d": uv * vis[..., None], "joints_vis": vis, "orient": orient,
+                "local_rot": local, "shape": shape}  # fmt: skip
 
 
 def batch_from_humans(
@@ -406,15 +465,20 @@ def batch_from_humans(
     """A collated ``stick_humans`` batch -> a multihmr batch of view ``view``: the image normalised by ``mean``/``std``
     (left uint8 when not given: the engine's loader normalises it), ``K``, the projected pelvis, a mask of people
     present whose pelvis lies in the image, joints in that camera's frame, their 2-D joints (pixels) and which are
-    visible (in the image, not occluded) for the reprojection loss."""
+    visible (in the image, not occluded) for the reprojection loss; for ``pose="rotations"`` the body's
+    orientation in that camera's frame ``orient`` (B, P, 3, 3), the bones' rotations ``local_rot`` (B, P, 15, 3, 3)
+    and ``shape`` (B, P, 4)."""
     image = normalise_views(batch["views"][:, view : view + 1], mean, std)[:, 0]
     w2c = invert_pose(batch["cam_to_world"][:, view])
     joints = transform_points(w2c[:, None, None], batch["joints_3d"])
     mask = batch["person_mask"] & batch["in_image"][:, view, :, 0]
     vis = batch["visible"][:, view] & mask[..., None]
+    turn = axis_angle_to_matrix(batch["yaw"][..., None] * torch.tensor([0.0, 0.0, 1.0]))  # body -> world
+    orient = w2c[:, None, :3, :3] @ turn
     return {"image": image, "K": batch["K"][:, view], "centre_2d": batch["centre_2d"][:, view],
             "person_mask": mask, "joints_cam": joints * mask[..., None, None],
-            "joints_2d": torch.nan_to_num(batch["joints_2d"][:, view]) * vis[..., None], "joints_vis": vis}  # fmt: skip
+            "joints_2d": torch.nan_to_num(batch["joints_2d"][:, view]) * vis[..., None], "joints_vis": vis,
+            "orient": orient, "local_rot": local_rotations(batch["angles"]), "shape": batch["shape"]}  # fmt: skip
 
 
 def _humans_adapter(task_kwargs: dict[str, Any]) -> tuple[int, Any]:
