@@ -64,3 +64,21 @@ def test_pruned_backbones_train_every_parameter():
             untrained[name] = missing[:3]
     assert len(kinds) >= 20
     assert not untrained, f"parameters the taps do not reach: {untrained}"
+
+
+def test_plain_trunk_conv_stem_keeps_the_token_grid_and_names_bad_patches():
+    from vitlab.tasks._backbone import PlainViTTrunk
+
+    plain = PlainViTTrunk("vit_micro_patch4_28", in_chans=3, img_size=32, backbone_kwargs=TINY_VIT)
+    conv = PlainViTTrunk("vit_micro_patch4_28", in_chans=3, img_size=32, backbone_kwargs=TINY_VIT, conv_stem=True)
+    image = torch.randn(2, 3, 32, 32)
+    (a, grid_a), (b, grid_b) = plain.embed(image), conv.embed(image)
+    assert a.shape == b.shape
+    assert grid_a == grid_b == (8, 8)
+    strides = [m.stride for m in conv.backbone.patch_embed.proj.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(2, 2), (2, 2)]  # two halvings make patch 4
+    b.sum().backward()  # the stem trains
+    assert conv.backbone.patch_embed.proj[0].conv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="power of two"):
+        PlainViTTrunk("vit_micro_patch4_28", in_chans=3, img_size=36, conv_stem=True,
+                      backbone_kwargs={**TINY_VIT, "patch_size": 6})  # fmt: skip

@@ -23,9 +23,10 @@ def _model(**kw):
     return create_task_model("multihmr", "vit_micro_patch4_28", backbone_kwargs={"depth": 1}, **kw)
 
 
-@pytest.mark.parametrize(("head", "pose"), [("hph", "joints"), ("mlp", "joints"), ("hph", "rotations")])
-def test_shapes_teacher_forced_and_detected(head, pose):
-    model = _model(head=head, pose=pose).train()
+@pytest.mark.parametrize(("head", "pose", "conv_stem"), [("hph", "joints", False), ("mlp", "joints", False),
+                                                       ("hph", "rotations", True)])  # fmt: skip
+def test_shapes_teacher_forced_and_detected(head, pose, conv_stem):
+    model = _model(head=head, pose=pose, conv_stem=conv_stem).train()
     batch = model.example_batch(3, torch.Generator().manual_seed(1))
     out = model(batch["image"], **model.forward_kwargs(batch))
     assert out["score_logits"].shape == (3, 4, 4)

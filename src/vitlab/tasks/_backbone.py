@@ -132,12 +132,24 @@ class PlainViTTrunk(nn.Module):
     the final norm and the classifier are dropped. Tokens keep the backbone's prefix tokens first
     (``num_prefix_tokens``); ``grid`` is the patch grid ``(H/p, W/p)``.
 
+    ``conv_stem=True`` replaces the patchify convolution by a stack of 3x3 stride-2 convolutions with batch norm and
+    ReLU to the same token grid and width (timm's ``ConvStem``; Xiao et al., "Early convolutions help transformers
+    see better", NeurIPS 2021): a ViT trained from scratch on a few thousand images then learns small local cues
+    (a person's facing) that a patchify stem does not pick up at the same budget.
+
     Raises:
-        ValueError: the backbone is hierarchical, reduces tokens, or is not one of those two families.
+        ValueError: the backbone is hierarchical, reduces tokens, or is not one of those two families; a conv stem
+            for a backbone without a patchify convolution or whose patch size is not a power of two.
     """
 
     def __init__(
-        self, backbone: str, *, in_chans: int, img_size: int, backbone_kwargs: dict[str, Any] | None = None
+        self,
+        backbone: str,
+        *,
+        in_chans: int,
+        img_size: int,
+        backbone_kwargs: dict[str, Any] | None = None,
+        conv_stem: bool = False,
     ) -> None:
         super().__init__()
         model = create_backbone(backbone, in_chans=in_chans, img_size=img_size, **(backbone_kwargs or {}))
@@ -158,9 +170,21 @@ class PlainViTTrunk(nn.Module):
         model.prune_intermediate_layers(len(model.blocks), prune_norm=True, prune_head=True)
         self.backbone = model
         self.patch_size = int(reductions.pop())
+        if conv_stem:
+            self._swap_in_conv_stem(backbone, in_chans)
         self.embed_dim = int(feature_dicts(model)[-1]["num_chs"])
         self.depth = len(model.blocks)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+
+    def _swap_in_conv_stem(self, name: str, in_chans: int) -> None:
+        from timm.models.vision_transformer_hybrid import ConvStem
+
+        p, proj = self.patch_size, getattr(getattr(self.backbone, "patch_embed", None), "proj", None)
+        if not isinstance(proj, nn.Conv2d) or proj.stride != (p, p) or p < 2 or p & (p - 1):
+            raise ValueError(f"conv_stem needs a backbone whose patch embedding is one convolution of stride = patch "
+                             f"size, a power of two; {name!r} has {proj!r} and patch size {p}")  # fmt: skip
+        depth = p.bit_length() - 1  # one stride-2 convolution per halving
+        self.backbone.patch_embed.proj = ConvStem(in_chans, depth, proj.out_channels, stride=(2,) * depth, padding=1)
 
     def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         """``(B, C, H, W)`` -> tokens ``(B, P + H/p * W/p, D)`` with position embedding, and the grid."""

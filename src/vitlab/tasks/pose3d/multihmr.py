@@ -124,6 +124,8 @@ class MultiHMR(TaskModel):
         pose: "rotations" (the paper's parametrisation: the body's orientation in the camera frame and each bone's
             rotation in 6-D, and the 4 shape parameters, through the stick figure's kinematic tree) or "joints"
             (the 15 root-relative joints regressed directly).
+        conv_stem: the backbone's patchify replaced by a stack of stride-2 3x3 convolutions (``PlainViTTrunk``;
+            a deviation: the paper starts from DINOv2 weights, which this CPU setting cannot download).
         ray_embed: concatenate the Fourier-coded token rays (False: no camera information reaches the heads).
         ray_bands, ray_max_resolution: the Fourier code's bands and top frequency (``FourierRayEmbed``).
         max_people: queries at inference (the best peaks after NMS).
@@ -150,6 +152,7 @@ class MultiHMR(TaskModel):
         backbone_kwargs: dict[str, Any] | None = None,
         head: str = "hph",
         pose: str = "joints",
+        conv_stem: bool = False,
         ray_embed: bool = True,
         head_dim: int = 64,
         hph_depth: int = 2,
@@ -175,7 +178,8 @@ class MultiHMR(TaskModel):
             raise ValueError(f"need max_people >= 1, hph_depth >= 1, hph_heads dividing head_dim; got "
                              f"{max_people}, {hph_depth}, {hph_heads}/{head_dim}")  # fmt: skip
         super().__init__(backbone, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
-        self.trunk = PlainViTTrunk(backbone, in_chans=in_chans, img_size=img_size, backbone_kwargs=backbone_kwargs)
+        self.trunk = PlainViTTrunk(backbone, in_chans=in_chans, img_size=img_size, backbone_kwargs=backbone_kwargs,
+                                   conv_stem=conv_stem)  # fmt: skip
         p = self.trunk.patch_size
         if img_size % p:
             raise ValueError(f"img_size {img_size} must be a multiple of the backbone's patch size {p}")
