@@ -1,8 +1,11 @@
 """Multi-HMR-style one-stage multi-person 3-D pose (paper 35, Baradel et al., ECCV 2024, arXiv 2402.14654).
 
 Written from the paper and the notes in ``research/missing_papers.md`` §35 (anchor ``naver/multi-hmr``; no code
-copied). SMPL-X is licence-gated, so the body model is vitlab's 15-joint stick figure (``data.synthetic.humans``):
-the head regresses root-relative 3-D joints directly instead of SMPL-X rotations, shape and expression.
+copied). SMPL-X is licence-gated, so the body model is vitlab's 15-joint stick figure (``data.synthetic.humans``).
+``pose="rotations"`` keeps the paper's parametrisation on it: the head regresses the body's orientation in the
+camera frame and each bone's rotation (6-D, added to an upright person facing the camera) and the 4 shape
+parameters, and the joints come out of the kinematic tree (``skeleton_from_rotations``); ``pose="joints"`` (the
+default, the one the committed tables used first) regresses the 15 root-relative joints directly.
 
 - **Backbone**: any plain (isotropic) ViT by name (``tasks._backbone.PlainViTTrunk``); its patch tokens.
 - **Camera-ray token encoding** (``ray_embed=True``): the ray ``K^-1 [u, v, 1]`` at each token centre, Fourier-coded
@@ -29,17 +32,18 @@ the head regresses root-relative 3-D joints directly instead of SMPL-X rotations
   joints, the nearness and the offset. Default weight 5, as ``w_joints``: an error of 1/20 of the image (2-3 px
   at 48 px) then weighs as much as 5 cm of 3-D joint error. The paper switches it on after a start epoch; here it
   is on from the first step (the 3-D losses start it from the same teacher-forced queries).
+- **Body-model losses** (``pose="rotations"``): L1 on the rotation matrices (orientation and 14 bones, ``w_rot``)
+  and on the shape (``w_shape``), beside the joint and 2-D losses on the joints the tree makes.
 - **Training** uses the ground-truth centres as queries (teacher forcing); evaluation the detections.
 - **Metrics**: detection F1 (a detection matches the nearest unmatched person within ``match_px`` pixels),
   root-relative MPJPE (mm), PA-MPJPE (after a similarity Procrustes fit: articulation without global orientation
   and scale), root depth error |z| (mm) and MRPE (mm, root position) on matched people.
 
-Deviations and what is missing: no SMPL-X (licence-gated), so no mesh, vertices, shape or expression and no
-rotation (6-D) parametrisation: the head regresses the 15 root-relative joints directly, and the 3-D and 2-D losses
-are on joints only (the paper's are also on vertices); the query is not concatenated with a mean-body
-initialisation; the row/column embeddings are added to all tokens (the paper: at detected locations only); no
-DINOv2 initialisation (the backbone trains from scratch on synthetic scenes); no 2-D loss start epoch; one scale
-(no multi-resolution training); no whole-body (hands, face) outputs.
+Deviations and what is missing: no SMPL-X (licence-gated), so no mesh, vertices, hands, face or expression; the
+3-D and 2-D losses are on joints (the paper's also on vertices); the query is not concatenated with a mean-body
+initialisation (the rotation outputs are added to one); the row/column embeddings are added to all tokens (the
+paper: at detected locations only); no DINOv2 initialisation (the backbone trains from scratch on synthetic scenes;
+``conv_stem`` is offered instead); no 2-D loss start epoch; one scale (no multi-resolution training).
 
 Batch (:func:`batch_from_humans` makes one from a collated ``stick_humans`` batch): ``image`` (B, 3, H, W),
 ``K`` (B, 3, 3), ``centre_2d`` (B, P, 2) pixels, ``person_mask`` (B, P) bool (present and centre in the image),
