@@ -14,6 +14,7 @@ patch 4 with people twice as large in pixels. Writes ``benchmarks/results/multih
 
     .venv/bin/python benchmarks/multihmr.py --threads 1                      # the table (see the results file)
     .venv/bin/python benchmarks/multihmr.py --n 64 --test-n 32 --steps 5 --out /tmp/mh   # a smoke run
+    .venv/bin/python benchmarks/multihmr.py --size 96 --merge /tmp/a/multihmr.csv /tmp/b/multihmr.csv   # join runs
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from task_fit import cell, train, write_csv  # shared loop and table helpers (this directory is on sys.path)
+from task_fit import cell, read_csv, train, write_csv  # shared loop and table helpers (this directory is on sys.path)
 from vitlab.data.synthetic.humans_sets import GENERATOR_VERSION, generate_stick_humans
 from vitlab.layers.camera import axis_angle_to_matrix
 from vitlab.tasks import create_task_model
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=["noray", "ray", "mlp", "noreproj"])
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--reference-only", action="store_true", help="append the trivial predictors to the markdown")
+    p.add_argument("--merge", nargs="+", default=[], help="CSVs of runs made apart: write their rows as one table")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/multihmr.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -252,6 +254,14 @@ def main(argv: list[str] | None = None) -> None:
         md.write_text(md.read_text() + "\n".join(ref) + "\n")
         return
     rows: dict = {}
+    for path in args.merge:  # rows of runs made apart (same settings), joined in the order given
+        for key, runs in read_csv(path, ("train_s", *METRICS), keys=("model", "test")).items():
+            rows.setdefault(key, []).extend(runs)
+    if args.merge:
+        write(args, rows, started, command)
+        md = Path(args.out) / "multihmr.md"
+        md.write_text(md.read_text() + "\n".join(ref) + "\n")
+        return
     for seed in args.seeds:
         for label, kw in (ROWS[r] for r in args.rows):
             torch.manual_seed(seed)

@@ -2,7 +2,8 @@
 small training loop (:func:`train`: AdamW with linear warmup and cosine decay over ``BatchLoader`` dict batches or any
 loader, gradient clipping at 1, the model's own loss and ``forward_kwargs``, so multi-task models see their batch's
 tasks) and the table helpers (:func:`cell`, a "mean ± half the range over seeds" markdown cell; :func:`write_csv`,
-the per-seed rows). Not a script; the siblings import it."""
+the per-seed rows, and :func:`read_csv`, which reads them back to merge runs made apart). Not a script; the siblings
+import it."""
 
 from __future__ import annotations
 
@@ -80,3 +81,15 @@ def write_csv(path, rows: dict, columns, keys: tuple[str, ...] = ("row",)) -> No
         for key, runs in rows.items():
             for r in runs:
                 w.writerow([*(key if isinstance(key, tuple) else (key,)), r["seed"], *(r.get(k) for k in columns)])
+
+
+def read_csv(path, columns, keys: tuple[str, ...] = ("row",)) -> dict:
+    """The rows :func:`write_csv` wrote to ``path``: a label (or a tuple of labels named by ``keys``) -> its per-seed
+    dicts of ``seed`` and the float ``columns`` (empty cells left out)."""
+    rows: dict = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            key = tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]]
+            values = {c: float(r[c]) for c in columns if r.get(c)}
+            rows.setdefault(key, []).append({"seed": int(r["seed"]), **values})
+    return rows
