@@ -4,13 +4,15 @@ One view, 1-3 stick figures per image (``stick_humans``; SMPL-X is licence-gated
 it). Train on fields of view 50-70 deg; test on the seen range and on unseen ones (80-90 and 35-45 deg). The room
 camera backs off as the field narrows (``humans.sample_room_cameras``), so apparent size alone does not give depth.
 Rows (``--rows``): the task model ``multihmr`` without / with the ray embedding, the MLP head instead of the Human
-Prediction Head, and the ray-embedded HPH without the 2-D reprojection loss (``w_reproj=0``). Every model trains the
-same steps on the same batches (teacher-forced person queries) and is evaluated on detections (threshold + 3x3 NMS).
-Metrics: detection F1 (2-D radius img/8), root-relative MPJPE, PA-MPJPE, root |z| error and MRPE (mm, matched
-people), against trivial floors (mean pose, constant depth); with ground-truth queries the MPJPE, the facing (yaw)
-error about the vertical and the MPJPE after the best turn about the vertical (``multihmr_parts.yaw_errors``), which
-separate the global orientation from the articulation. ``--size 96 --patch 8`` keeps the 12 x 12 tokens of 48 px at
-patch 4 with people twice as large in pixels. Writes ``benchmarks/results/multihmr.{csv,md,png}``.
+Prediction Head, the ray-embedded HPH without the 2-D reprojection loss (``w_reproj=0``) or on a conv stem
+(``ray_conv``: ``conv_stem=True``), and ``rot*``: the paper's rotation parametrisation (``pose="rotations"``)
+instead of direct joints. Every model trains the same steps on the same batches (teacher-forced person queries) and
+is evaluated on detections (threshold + 3x3 NMS). Metrics: detection F1 (2-D radius img/8), root-relative MPJPE,
+PA-MPJPE, root |z| error and MRPE (mm, matched people), against trivial floors (mean pose, constant depth); with
+ground-truth queries the MPJPE, the facing (yaw) error about the vertical and the MPJPE after the best turn about
+the vertical (``multihmr_parts.yaw_errors``), which separate the global orientation from the articulation. ``--size
+96 --patch 8`` keeps the 12 x 12 tokens of 48 px at patch 4 with people twice as large in pixels. Writes
+``benchmarks/results/multihmr.{csv,md,png}`` (``--name``: another file stem).
 
     .venv/bin/python benchmarks/multihmr.py --threads 1                      # the table (see the results file)
     .venv/bin/python benchmarks/multihmr.py --n 64 --test-n 32 --steps 5 --out /tmp/mh   # a smoke run
@@ -47,6 +49,7 @@ ROWS = {
     "ray": ("ray embedding (HPH)", {"ray_embed": True}),
     "mlp": ("ray embedding (MLP head)", {"ray_embed": True, "head": "mlp"}),
     "noreproj": ("ray embedding (HPH), no 2-D loss", {"ray_embed": True, "w_reproj": 0.0}),
+    "ray_conv": ("ray embedding (HPH), conv stem", {"ray_embed": True, "conv_stem": True}),
     "rot": ("rotations, ray embedding (HPH)", {"ray_embed": True, "pose": "rotations"}),
     "rot_noray": ("rotations, no ray embedding (HPH)", {"ray_embed": False, "pose": "rotations"}),
     "rot_mlp": ("rotations, ray embedding (MLP head)", {"ray_embed": True, "head": "mlp", "pose": "rotations"}),
@@ -159,7 +162,7 @@ def reference(train: dict, tests: dict, size: int, floors: dict | None = None) -
 def write(args, rows: dict, started: str, command: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "multihmr.csv", rows, ("train_s", *METRICS, "matched"), keys=("model", "test"))
+    write_csv(out / f"{args.name}.csv", rows, ("train_s", *METRICS, "matched"), keys=("model", "test"))
     lines = [
         "# Multi-HMR on stick-figure humans: ray embedding on unseen fields of view",
         "",
@@ -188,8 +191,8 @@ def write(args, rows: dict, started: str, command: str) -> None:
     for (model, test), runs in rows.items():
         vals = [cell([r[k] for r in runs], 1) for k in METRICS]
         lines.append(f"| {model} | {test} | {' | '.join(vals)} | {cell([r['train_s'] for r in runs], 0)} |")
-    (out / "multihmr.md").write_text("\n".join(lines) + "\n")
-    plot(rows, out / "multihmr.png", getattr(args, "floors", {}))
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / f"{args.name}.png", getattr(args, "floors", {}))
 
 
 def plot(rows: dict, path: Path, floors: dict) -> None:
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-kw", default="{}", help="JSON task kwargs for every row, e.g. '{\"w_joints\": 20}'")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=["noray", "ray", "mlp", "noreproj"])
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="multihmr", help="file stem of the tables and plot")
     p.add_argument("--reference-only", action="store_true", help="append the trivial predictors to the markdown")
     p.add_argument("--merge", nargs="+", default=[], help="CSVs of runs made apart: write their rows as one table")
     args = p.parse_args(argv)
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     ref = reference(train_set, tests, args.size, args.floors)
     print("\n".join(ref), flush=True)
     if args.reference_only:
-        md = Path(args.out) / "multihmr.md"
+        md = Path(args.out) / f"{args.name}.md"
         md.write_text(md.read_text() + "\n".join(ref) + "\n")
         return
     rows: dict = {}
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.setdefault(key, []).extend(runs)
     if args.merge:
         write(args, rows, started, command)
-        md = Path(args.out) / "multihmr.md"
+        md = Path(args.out) / f"{args.name}.md"
         md.write_text(md.read_text() + "\n".join(ref) + "\n")
         return
     for seed in args.seeds:
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.setdefault((label, test), []).append({"seed": seed, "train_s": round(train_s, 1), **res})
                 print(label, test, {k: round(v, 1) for k, v in res.items()}, flush=True)
             write(args, rows, started, command)
-            md = Path(args.out) / "multihmr.md"
+            md = Path(args.out) / f"{args.name}.md"
             md.write_text(md.read_text() + "\n".join(ref) + "\n")
 
 
