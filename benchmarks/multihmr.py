@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows: dict = {}
     for path in args.merge:  # rows of runs made apart (same settings), joined in the order given
-        for key, runs in read_csv(path, ("train_s", *METRICS), keys=("model", "test")).items():
+        for key, runs in read_csv(path, ("train_s", *METRICS, "matched"), keys=("model", "test")).items():
             rows.setdefault(key, []).extend(runs)
     if args.merge:
         write(args, rows, started, command)
