@@ -5,14 +5,14 @@ it). Train on fields of view 50-70 deg; test on the seen range and on unseen one
 camera backs off as the field narrows (``humans.sample_room_cameras``), so apparent size alone does not give depth.
 Rows (``--rows``): the task model ``multihmr`` without / with the ray embedding, the MLP head instead of the Human
 Prediction Head, the ray-embedded HPH without the 2-D reprojection loss (``w_reproj=0``) or on a conv stem
-(``ray_conv``: ``conv_stem=True``), and ``rot*``: the paper's rotation parametrisation (``pose="rotations"``)
-instead of direct joints. Every model trains the same steps on the same batches (teacher-forced person queries) and
-is evaluated on detections (threshold + 3x3 NMS). Metrics: detection F1 (2-D radius img/8), root-relative MPJPE,
-PA-MPJPE, root |z| error and MRPE (mm, matched people), against trivial floors (mean pose, constant depth); with
-ground-truth queries the MPJPE, the facing (yaw) error about the vertical and the MPJPE after the best turn about
-the vertical (``multihmr_parts.yaw_errors``), which separate the global orientation from the articulation. ``--size
-96 --patch 8`` keeps the 12 x 12 tokens of 48 px at patch 4 with people twice as large in pixels. Writes
-``benchmarks/results/multihmr.{csv,md,png}`` (``--name``: another file stem).
+(``ray_conv``, ``noray_conv``: ``conv_stem=True``), and ``rot*``: the paper's rotation parametrisation
+(``pose="rotations"``) instead of direct joints. Every model trains the same steps on the same batches
+(teacher-forced person queries) and is evaluated on detections (threshold + 3x3 NMS). Metrics: detection F1 (2-D
+radius img/8), root-relative MPJPE, PA-MPJPE, root |z| error and MRPE (mm, matched people), against trivial floors
+(mean pose, constant depth); with ground-truth queries the MPJPE, the facing (yaw) error about the vertical and the
+MPJPE after the best turn about the vertical (``multihmr_parts.yaw_errors``), which separate the global orientation
+from the articulation. ``--size 96 --patch 8`` keeps the 12 x 12 tokens of 48 px at patch 4 with people twice as
+large in pixels. Writes ``benchmarks/results/multihmr.{csv,md,png}`` (``--name``: another file stem).
 
     .venv/bin/python benchmarks/multihmr.py --threads 1                      # the table (see the results file)
     .venv/bin/python benchmarks/multihmr.py --n 64 --test-n 32 --steps 5 --out /tmp/mh   # a smoke run
@@ -50,6 +50,7 @@ ROWS = {
     "mlp": ("ray embedding (MLP head)", {"ray_embed": True, "head": "mlp"}),
     "noreproj": ("ray embedding (HPH), no 2-D loss", {"ray_embed": True, "w_reproj": 0.0}),
     "ray_conv": ("ray embedding (HPH), conv stem", {"ray_embed": True, "conv_stem": True}),
+    "noray_conv": ("no ray embedding (HPH), conv stem", {"ray_embed": False, "conv_stem": True}),
     "rot": ("rotations, ray embedding (HPH)", {"ray_embed": True, "pose": "rotations"}),
     "rot_noray": ("rotations, no ray embedding (HPH)", {"ray_embed": False, "pose": "rotations"}),
     "rot_mlp": ("rotations, ray embedding (MLP head)", {"ray_embed": True, "head": "mlp", "pose": "rotations"}),
