@@ -5,7 +5,7 @@ copied). SMPL-X is licence-gated, so the body model is vitlab's 15-joint stick f
 ``pose="rotations"`` keeps the paper's parametrisation on it: the head regresses the body's orientation in the
 camera frame and each bone's rotation (6-D, added to an upright person facing the camera) and the 4 shape
 parameters, and the joints come out of the kinematic tree (``skeleton_from_rotations``); ``pose="joints"`` (the
-default, the one the committed tables used first) regresses the 15 root-relative joints directly.
+default: better at CPU budgets, ``benchmarks/results/multihmr.md``) regresses the 15 root-relative joints directly.
 
 - **Backbone**: any plain (isotropic) ViT by name (``tasks._backbone.PlainViTTrunk``); its patch tokens.
 - **Camera-ray token encoding** (``ray_embed=True``): the ray ``K^-1 [u, v, 1]`` at each token centre, Fourier-coded
