@@ -142,7 +142,8 @@ class MultiHMR(TaskModel):
 
     task_name = "multihmr"
     batch_keys = ("image", "K", "centre_2d", "person_mask")
-    target_keys = ("joints_cam", "joints_2d", "joints_vis", "orient", "local_rot", "shape")
+    # what postprocess predicts (pose="rotations" also trains on the batch's orient, local_rot and shape)
+    target_keys = ("joints_cam", "joints_2d", "joints_vis")
     primary_metric = "mpjpe"
     higher_is_better = False
 
