@@ -132,10 +132,10 @@ class PlainViTTrunk(nn.Module):
     the final norm and the classifier are dropped. Tokens keep the backbone's prefix tokens first
     (``num_prefix_tokens``); ``grid`` is the patch grid ``(H/p, W/p)``.
 
-    ``conv_stem=True`` replaces the patchify convolution by a stack of 3x3 stride-2 convolutions with batch norm and
-    ReLU to the same token grid and width (timm's ``ConvStem``; Xiao et al., "Early convolutions help transformers
-    see better", NeurIPS 2021): a ViT trained from scratch on a few thousand images then learns small local cues
-    (a person's facing) that a patchify stem does not pick up at the same budget.
+    ``conv_stem=True`` replaces the patchify convolution by a stack of 3x3 stride-2 convolutions (batch norm and
+    ReLU between them) to the same token grid and width (timm's ``ConvStem``; Xiao et al., "Early convolutions help
+    transformers see better", NeurIPS 2021): a ViT trained from scratch on a few thousand images then picks up small
+    local cues (a person's facing) sooner than with a patchify stem (``benchmarks/results/multihmr_facing.md``).
 
     Raises:
         ValueError: the backbone is hierarchical, reduces tokens, or is not one of those two families; a conv stem

@@ -37,6 +37,7 @@ __all__ = [
     "POSES",
     "SHAPE_NAMES",
     "annotate",
+    "body_turn",
     "bone_lengths",
     "forward_kinematics",
     "joint_radii",
@@ -136,8 +137,9 @@ def sample_pose(rng: np.random.Generator, noise_deg: float = 12.0) -> tuple[torc
     return angles.clamp(LIMITS[..., 0], LIMITS[..., 1]), k
 
 
-def _euler(angles: torch.Tensor) -> torch.Tensor:
-    """Rotations (..., 3, 3) ``R_z(c) R_y(b) R_x(a)`` of angles (..., 3) = (a, b, c)."""
+def local_rotations(angles: torch.Tensor) -> torch.Tensor:
+    """Rotations (..., 3, 3) ``R_z(c) R_y(b) R_x(a)`` of angles (..., 3) = (a, b, c): each bone's rotation in its
+    parent's frame from joint angles (..., 15, 3)."""
     c, s = angles.cos(), angles.sin()
     one, zero = torch.ones_like(c[..., 0]), torch.zeros_like(c[..., 0])
 
@@ -176,11 +178,6 @@ def joint_radii(shape: torch.Tensor) -> torch.Tensor:
     return at * shape[:, :1]
 
 
-def local_rotations(angles: torch.Tensor) -> torch.Tensor:
-    """Each bone's rotation in its parent's frame (..., 15, 3, 3) from joint angles (..., 15, 3) (Euler z-y-x)."""
-    return _euler(angles)
-
-
 def skeleton_from_rotations(local: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     """Root-relative joints (..., 15, 3) in the body frame (x forward, y left, z up) of people with bone rotations
     ``local`` (..., 15, 3, 3) in their parents' frames (row 0, the root's, is not used) and shape (..., 4).
@@ -200,13 +197,17 @@ def skeleton_from_rotations(local: torch.Tensor, shape: torch.Tensor) -> torch.T
     return torch.stack(pos, -2)
 
 
+def body_turn(yaw: torch.Tensor) -> torch.Tensor:
+    """The body frame -> world rotations (..., 3, 3) of people turned by ``yaw`` (...,) about world z."""
+    zero = torch.zeros_like(yaw)
+    return local_rotations(torch.stack([zero, zero, yaw], -1))
+
+
 def forward_kinematics(angles: torch.Tensor, shape: torch.Tensor, root: torch.Tensor, yaw: torch.Tensor):
     """World joints (P, 15, 3) of people with angles (P, 15, 3), shape (P, 4), pelvis ``root`` (P, 3), ``yaw`` (P,)."""
     _check_people(angles, shape)
-    zero = torch.zeros_like(yaw)
-    turn = _euler(torch.stack([zero, zero, yaw], -1))  # (P, 3, 3) about world z
     body = skeleton_from_rotations(local_rotations(angles), shape)
-    return root[:, None] + body @ turn.transpose(-1, -2)
+    return root[:, None] + body @ body_turn(yaw).transpose(-1, -2)
 
 
 def sample_people(rng: np.random.Generator, count: int, area: float = 1.3, min_gap: float = 0.7) -> dict:

@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
-from ...data.synthetic.humans import NUM_JOINTS, local_rotations, skeleton_from_rotations
+from ...data.synthetic.humans import NUM_JOINTS, body_turn, local_rotations, skeleton_from_rotations
 from ...layers.camera import (
     axis_angle_to_matrix,
     check_intrinsics,
@@ -482,8 +482,7 @@ def batch_from_humans(
     joints = transform_points(w2c[:, None, None], batch["joints_3d"])
     mask = batch["person_mask"] & batch["in_image"][:, view, :, 0]
     vis = batch["visible"][:, view] & mask[..., None]
-    turn = axis_angle_to_matrix(batch["yaw"][..., None] * torch.tensor([0.0, 0.0, 1.0]))  # body -> world
-    orient = w2c[:, None, :3, :3] @ turn
+    orient = w2c[:, None, :3, :3] @ body_turn(batch["yaw"])
     return {"image": image, "K": batch["K"][:, view], "centre_2d": batch["centre_2d"][:, view],
             "person_mask": mask, "joints_cam": joints * mask[..., None, None],
             "joints_2d": torch.nan_to_num(batch["joints_2d"][:, view]) * vis[..., None], "joints_vis": vis,
